@@ -1,0 +1,20 @@
+"""Text corpora for evaluation and calibration: a local data directory first, the public hubs second."""
+from corpora.sources import (
+    DataNotFoundError,
+    calibration_texts,
+    evaluation_text,
+    resolve_data_dir,
+    zeroshot_file,
+    instruction_records,
+)
+from corpora.calibration import calibration_batches
+
+__all__ = [
+    "DataNotFoundError",
+    "calibration_texts",
+    "calibration_batches",
+    "evaluation_text",
+    "resolve_data_dir",
+    "zeroshot_file",
+    "instruction_records",
+]

@@ -1,0 +1,199 @@
+"""Physically removing what a plan names, or masking it (the reference a pruned model must equal)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from depgraph.architectures import ArchitectureRule, norm_modules
+from depgraph.groups import Space
+
+
+class InvalidPlan(ValueError):
+    """A plan that cannot be applied; the message says why and what to change."""
+
+
+@dataclass
+class Plan:
+    """What to remove: elements of named spaces, and whole decoder layers."""
+
+    remove: dict[str, list[int]] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not self.layers and not any(self.remove.values())
+
+
+def _positions(spaces: Mapping[str, Space], plan: Plan) -> dict[tuple[str, int], set[int]]:
+    positions: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for name, elements in plan.remove.items():
+        if name not in spaces:
+            raise InvalidPlan(f"plan names an unknown space '{name}': use graph.spaces for the names")
+        space = spaces[name]
+        bad = [e for e in elements if not 0 <= int(e) < space.size]
+        if bad:
+            raise InvalidPlan(f"space {name} has {space.size} elements, plan removes {bad}")
+        for piece in space.slices(elements):
+            positions[(piece.name, piece.dim)].update(piece.indices)
+    return positions
+
+
+def _check_attention(spaces: Mapping[str, Space], plan: Plan, positions, model: nn.Module, rule: ArchitectureRule):
+    layers = rule.decoder_layers(model)
+    for index, layer in enumerate(layers):
+        if index in plan.layers:
+            continue
+        attention = layer.get_submodule(rule.attention)
+        head_dim = rule.head_dim(attention)
+        prefix = _module_name(model, attention)
+        queries, keys = rule.head_counts(attention)
+        q_left = queries - len(positions.get((f"{prefix}.{rule.query}.weight", 0), ())) // head_dim
+        k_left = keys - len(positions.get((f"{prefix}.{rule.key}.weight", 0), ())) // head_dim
+        if q_left <= 0 or k_left <= 0:
+            raise InvalidPlan(
+                f"the plan removes every attention head of layer {index}: lower the ratio, or remove the layer "
+                f"itself (plan.layers)"
+            )
+        if q_left % k_left:
+            raise InvalidPlan(
+                f"layer {index} would keep {q_left} query heads for {k_left} key-value heads: remove query heads "
+                f"evenly inside every key-value group"
+            )
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise KeyError("module not in model")
+
+
+def _compensate_norms(model: nn.Module, rule: ArchitectureRule, hidden: Space, removed: int) -> None:
+    """Keep RMSNorm over the hidden width exact when channels leave it.
+
+    A masked model normalizes by the mean over all ``d`` channels, zeros included; the pruned one by the mean
+    over ``d'``. Scaling the weight by sqrt(d/d') and epsilon by d/d' makes the two equal exactly.
+    """
+    width = hidden.size
+    kept = width - removed
+    ratio = width / kept
+    touched = {name.rsplit(".", 1)[0] for name in hidden.parameters}
+    for name, module in norm_modules(model, rule):
+        if name not in touched:
+            continue
+        with torch.no_grad():
+            offset = rule.norm_weight_offset
+            module.weight.copy_((module.weight + offset) * math.sqrt(ratio) - offset)
+        for attr in rule.norm_epsilon_attributes:
+            if hasattr(module, attr):
+                setattr(module, attr, getattr(module, attr) * ratio)
+    config = model.config
+    if hasattr(config, rule.epsilon_config_field):
+        setattr(config, rule.epsilon_config_field, getattr(config, rule.epsilon_config_field) * ratio)
+
+
+def _slice_parameters(model: nn.Module, positions: dict[tuple[str, int], set[int]]) -> None:
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            holders[id(param)].append((module, attr))
+    per_param: dict[str, list[tuple[int, set[int]]]] = defaultdict(list)
+    for (name, dim), removed in positions.items():
+        per_param[name].append((dim, removed))
+    for name, cuts in per_param.items():
+        param = by_name[name]
+        data = param.data
+        for dim, removed in cuts:
+            keep = torch.tensor([i for i in range(data.shape[dim]) if i not in removed], dtype=torch.long,
+                                device=data.device)
+            data = data.index_select(dim, keep)
+        new = nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
+        for module, attr in holders[id(param)]:
+            setattr(module, attr, new)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def _remove_layers(model: nn.Module, rule: ArchitectureRule, doomed: Iterable[int]) -> None:
+    layers = rule.decoder_layers(model)
+    doomed = set(doomed)
+    kept = [layer for i, layer in enumerate(layers) if i not in doomed]
+    if not kept:
+        raise InvalidPlan("the plan removes every decoder layer: keep at least one")
+    parent_name, _, attr = rule.layers.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.ModuleList(kept))
+    config = model.config
+    for new_index, (old_index, layer) in enumerate((i, l) for i, l in enumerate(layers) if i not in doomed):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(layers):
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in doomed]
+    config.num_hidden_layers = len(kept)
+
+
+def refresh_config(model: nn.Module, rule: ArchitectureRule) -> None:
+    """Write the model's actual sizes into its config and its attention modules.
+
+    Uniform sizes go into the usual fields; heterogeneous ones into ``config.layer_shapes`` (one dict per
+    layer), which the save format turns into a config that records every layer's sizes.
+    """
+    config = model.config
+    shapes = []
+    for layer in rule.decoder_layers(model):
+        attention = layer.get_submodule(rule.attention)
+        queries, keys = rule.head_counts(attention)
+        if rule.refresh_attention is not None:
+            rule.refresh_attention(attention, queries, keys)
+        shapes.append({"num_attention_heads": queries, "num_key_value_heads": keys,
+                       "intermediate_size": rule.mlp_width(layer)})
+    embedding = model.get_input_embeddings()
+    config.hidden_size = int(embedding.weight.shape[1])
+    config.num_hidden_layers = len(shapes)
+    uniform = all(s == shapes[0] for s in shapes)
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        setattr(config, key, max(s[key] for s in shapes))
+    config.layer_shapes = None if uniform else shapes
+
+
+def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
+    """Remove, in place, every slice the plan names and update modules and config to match."""
+    if plan.is_empty():
+        return
+    positions = _positions(spaces, plan)
+    _check_attention(spaces, plan, positions, model, rule)
+    for name, elements in plan.remove.items():
+        space = spaces[name]
+        if space.kind == "hidden" and elements:
+            if len(set(elements)) >= space.size:
+                raise InvalidPlan("the plan removes every hidden channel: lower the hidden ratio")
+            _compensate_norms(model, rule, space, len(set(elements)))
+    _slice_parameters(model, positions)
+    if plan.layers:
+        _remove_layers(model, rule, plan.layers)
+    refresh_config(model, rule)
+
+
+@torch.no_grad()
+def mask_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
+    """Zero, in place, every slice the plan names: the reference a pruned model must reproduce."""
+    params = dict(model.named_parameters())
+    for (name, dim), removed in _positions(spaces, plan).items():
+        index = torch.tensor(sorted(removed), dtype=torch.long)
+        params[name].data.index_fill_(dim, index, 0.0)
+    layers = rule.decoder_layers(model)
+    for index in plan.layers:
+        for writer in rule.residual_writers:
+            module = layers[index].get_submodule(writer)
+            for param in module.parameters():
+                param.zero_()

