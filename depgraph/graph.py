@@ -89,6 +89,9 @@ class DependencyGraph:
                 f"  {space.name:<40} {space.kind:<9} size {space.size:<6} "
                 f"{space.parameter_count():>8} params/element{blocks}"
             )
+            if len(space.parameters) > 8:
+                lines.append(f"      {len(space.parameters)} parameters, e.g. {', '.join(space.parameters[:3])}")
+                continue
             for name in space.parameters:
                 dims = sorted(d for (n, d) in space.members if n == name)
                 lines.append(f"      {name} dim {','.join(map(str, dims))}")

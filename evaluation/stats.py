@@ -199,22 +199,37 @@ def _dummy_ids(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0, v
     return torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(_device(model))
 
 
-def macs_breakdown(model: nn.Module, seq_len: int = 128, batch_size: int = 1) -> dict[str, int]:
-    """MACs of one forward over ``batch_size`` sequences of ``seq_len`` tokens: ``linear``, ``attention``, ``total``."""
-    ids = _dummy_ids(model, batch_size, seq_len)
+def _run(model: nn.Module, inputs: torch.Tensor | dict) -> None:
+    if isinstance(inputs, dict):
+        model(**inputs)
+    else:
+        model(inputs)
+
+
+def macs_breakdown(
+    model: nn.Module, seq_len: int = 128, batch_size: int = 1, inputs: torch.Tensor | dict | None = None
+) -> dict[str, int]:
+    """MACs of one forward: ``linear``, ``attention`` and ``total``.
+
+    By default the forward is ``model(input_ids=..., use_cache=False)`` over ``batch_size`` random sequences of
+    ``seq_len`` tokens; pass ``inputs`` (a tensor for ``model(inputs)`` or a dict of keyword arguments) to
+    count any other module.
+    """
+    if inputs is None:
+        inputs = {"input_ids": _dummy_ids(model, batch_size, seq_len), "use_cache": False}
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), MacCounter(model) as counter:
-            model(input_ids=ids, use_cache=False)
+            _run(model, inputs)
     finally:
         model.train(was_training)
     return {"linear": counter.linear, "attention": counter.attention, "total": counter.total}
 
 
-def macs(model: nn.Module, seq_len: int = 128, batch_size: int = 1) -> int:
+def macs(model: nn.Module, seq_len: int = 128, batch_size: int = 1, inputs: torch.Tensor | dict | None = None) -> int:
     """Multiply-accumulates of one forward pass over ``seq_len`` tokens (see the module docstring)."""
-    return macs_breakdown(model, seq_len=seq_len, batch_size=batch_size)["total"]
+    return macs_breakdown(model, seq_len=seq_len, batch_size=batch_size, inputs=inputs)["total"]
 
 
 # -------------------------------------------------------------------------------------------------- latency

@@ -233,7 +233,7 @@ def zero_shot(
     lm_logger = logging.getLogger("lm_eval")
     saved_level = lm_logger.level
     if not verbose:
-        lm_logger.setLevel(logging.WARNING)
+        lm_logger.setLevel(logging.ERROR)
     was_training = model.training
     model.eval()
     try:

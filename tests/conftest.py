@@ -1,0 +1,53 @@
+"""Tiny random models of every shipped architecture, built offline in milliseconds."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+COMMON = dict(
+    vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+)
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "llama_mha": lambda: LlamaConfig(**{**COMMON, "num_key_value_heads": 6}, tie_word_embeddings=False),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=16, tie_word_embeddings=False),
+    "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "gemma": lambda: GemmaConfig(**COMMON, hidden_activation="gelu_pytorch_tanh"),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose weights are large enough that pruning errors show in the logits."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))

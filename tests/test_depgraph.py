@@ -1,0 +1,129 @@
+"""Behaviour of the dependency graph: discovered groups, pruned == masked, empty plan == identity."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from depgraph import DependencyGraph, InvalidPlan, MissingArchitectureRule, Plan
+from tests.conftest import COMMON, tiny_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """fp32 agreement to ``tolerance`` relative to the largest logit (Gemma's logits reach ~30)."""
+    scale = max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= tolerance * scale, (got - expected).abs().max()
+
+
+def pruned_and_masked(model, plan: Plan, ids):
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    DependencyGraph.build(pruned).apply(plan)
+    DependencyGraph.build(masked).mask(plan)
+    return pruned, logits(pruned, ids), logits(masked, ids)
+
+
+def test_llama_groups_match_hand_count():
+    graph = DependencyGraph.build(tiny_model("llama"))
+    layers, heads, kv = COMMON["num_hidden_layers"], COMMON["num_attention_heads"], COMMON["num_key_value_heads"]
+    assert len(graph.of_kind("hidden")) == 1
+    assert len(graph.of_kind("channels")) == layers
+    assert len(graph.of_kind("heads")) == layers
+    assert len(graph.of_kind("kv_heads")) == layers
+    hidden = graph.of_kind("hidden")[0]
+    # embedding (tied with lm_head), 2 norms + 7 projections per layer, final norm
+    assert len(hidden.parameters) == 1 + layers * 9 + 1
+    attention = graph.in_layer(1, "heads")
+    assert attention.size == heads
+    assert attention.parameters == ["model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    # GQA alignment: query head h belongs to key-value group h // n_rep (contiguous), not h % n_kv.
+    assert attention.blocks.tolist() == [h // (heads // kv) for h in range(heads)]
+    kv_heads = graph.in_layer(1, "kv_heads")
+    assert kv_heads.size == kv
+    q_rows = {s.name: s.indices for s in kv_heads.slices([1])}["model.layers.1.self_attn.q_proj.weight"]
+    assert q_rows == tuple(range(3 * 8, 6 * 8))
+    mlp = graph.in_layer(2, "channels")
+    assert mlp.size == COMMON["intermediate_size"]
+    assert {(s.name, s.dim) for s in mlp.slices([5])} == {
+        ("model.layers.2.mlp.gate_proj.weight", 0), ("model.layers.2.mlp.up_proj.weight", 0),
+        ("model.layers.2.mlp.down_proj.weight", 1)}
+
+
+def test_mha_heads_take_their_keys_and_values():
+    graph = DependencyGraph.build(tiny_model("llama_mha"))
+    heads = graph.in_layer(0, "heads")
+    assert heads.parameters == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "kooqv".replace("oo", "o")]
+    assert heads.blocks is None
+
+
+def _plan(graph: DependencyGraph, which: str) -> Plan:
+    rng = random.Random(0)
+    hidden = graph.of_kind("hidden")[0]
+    plans = {
+        "heads": lambda: Plan(remove={graph.in_layer(1, "heads").name: [0, 4]}),  # one per kv group (3 per group)
+        "kv_heads": lambda: Plan(remove={graph.in_layer(0, "kv_heads").name: [1]}),
+        "mlp": lambda: Plan(remove={graph.in_layer(2, "channels").name: rng.sample(range(COMMON["intermediate_size"]), 17)}),
+        "hidden": lambda: Plan(remove={hidden.name: rng.sample(range(COMMON["hidden_size"]), 7)}),
+        "layers": lambda: Plan(layers=[1]),
+        "combined": lambda: Plan(
+            remove={hidden.name: [2, 3], graph.in_layer(0, "channels").name: [1, 2, 3],
+                    graph.in_layer(2, "kv_heads").name: [0]},
+            layers=[1],
+        ),
+    }
+    return plans[which]()
+
+
+@pytest.mark.parametrize("which", ["heads", "kv_heads", "mlp", "hidden", "layers", "combined"])
+def test_pruned_equals_masked(arch, which, input_ids):
+    model = tiny_model(arch)
+    graph = DependencyGraph.build(model)
+    if arch == "llama_mha" and which in ("kv_heads", "combined"):
+        pytest.skip("MHA has no separate key-value groups")
+    plan = _plan(graph, which)
+    pruned, got, expected = pruned_and_masked(model, plan, input_ids)
+    assert_close(got, expected)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_empty_plan_is_identity(arch, input_ids):
+    model = tiny_model(arch)
+    before = logits(model, input_ids)
+    DependencyGraph.build(model).apply(Plan())
+    assert torch.equal(before, logits(model, input_ids))
+
+
+def test_pruned_model_generates(input_ids):
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    graph.apply(Plan(remove={graph.in_layer(0, "heads").name: [0, 3], graph.in_layer(1, "channels").name: [4]}))
+    out = model.generate(input_ids[:1], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, input_ids.shape[1] + 5)
+
+
+def test_removing_every_head_is_refused():
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    with pytest.raises(InvalidPlan, match="every attention head of layer 0"):
+        graph.apply(Plan(remove={graph.in_layer(0, "kv_heads").name: [0, 1]}))
+
+
+def test_uneven_query_heads_are_refused():
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    with pytest.raises(InvalidPlan, match="evenly"):
+        graph.apply(Plan(remove={graph.in_layer(0, "heads").name: [0]}))
+
+
+def test_unknown_architecture_names_the_missing_rule():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(MissingArchitectureRule, match="no architecture rule for model_type 'gpt2'"):
+        DependencyGraph.build(model)
