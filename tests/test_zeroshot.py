@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpora import DataNotFoundError, resolve_data_dir
+from corpora import DataNotFoundError
 from evaluation.zeroshot import MEAN_METRIC, ZeroShotResult, parse_tasks, task_config, zero_shot
 
 PIQA = [

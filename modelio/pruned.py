@@ -1,0 +1,116 @@
+"""Config and model classes for models whose layers have their own sizes.
+
+A uniformly pruned model saves under its own architecture (a plain ``LlamaConfig`` with smaller sizes) and
+needs no code. A heterogeneous one (per-layer head counts or MLP widths, biases added by compensation) saves
+as ``pruned_<base>``: the base config plus ``pruned_linear_shapes`` ({module: [out, in, has_bias]}) and
+``pruned_module_attributes`` ({module: {attribute: value}}). Its model class builds the base model and then
+resizes exactly those modules, so ``from_pretrained`` maps every tensor by its usual name.
+
+The same source text is written into each saved folder (``configuration_pruned.py``, ``modeling_pruned.py``)
+so plain transformers loads it with ``trust_remote_code=True``; with this project imported, the classes are
+registered with the Auto classes and no remote code runs.
+"""
+from __future__ import annotations
+
+import types
+
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+CONFIGURATION_TEMPLATE = '''"""Config of a structurally pruned {base_type} model (written by structprune)."""
+from transformers import {base_config}
+
+
+class {config_class}({base_config}):
+    model_type = "pruned_{base_type}"
+
+    def __init__(self, pruned_linear_shapes=None, pruned_module_attributes=None, layer_shapes=None, **kwargs):
+        self.pruned_linear_shapes = pruned_linear_shapes or {{}}
+        self.pruned_module_attributes = pruned_module_attributes or {{}}
+        self.layer_shapes = layer_shapes
+        super().__init__(**kwargs)
+'''
+
+MODELING_TEMPLATE = '''"""Model class of a structurally pruned {base_type} model (written by structprune)."""
+from torch import nn
+from transformers import {base_model}
+
+try:
+    from .configuration_pruned import {config_class}
+except ImportError:  # executed in-process by structprune
+    pass
+
+
+def resize_pruned_modules(model, config):
+    """Replace every linear named in the config by one of the recorded size, and set recorded attributes."""
+    for name, (out_features, in_features, has_bias) in config.pruned_linear_shapes.items():
+        parent_name, _, attribute = name.rpartition(".")
+        old = model.get_submodule(name)
+        new = nn.Linear(in_features, out_features, bias=bool(has_bias), device=old.weight.device,
+                        dtype=old.weight.dtype)
+        setattr(model.get_submodule(parent_name), attribute, new)
+    for name, attributes in config.pruned_module_attributes.items():
+        module = model.get_submodule(name)
+        for attribute, value in attributes.items():
+            setattr(module, attribute, value)
+
+
+class {model_class}({base_model}):
+    config_class = {config_class}
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_pruned_modules(self, config)
+'''
+
+
+def _names(base_type: str) -> dict[str, str]:
+    base_config = type(CONFIG_MAPPING[base_type]()).__name__
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]
+    stem = base_model.removesuffix("ForCausalLM")
+    return {
+        "base_type": base_type,
+        "base_config": base_config,
+        "base_model": base_model,
+        "config_class": f"Pruned{stem}Config",
+        "model_class": f"Pruned{stem}ForCausalLM",
+    }
+
+
+def render_sources(base_type: str) -> tuple[str, str]:
+    names = _names(base_type)
+    return CONFIGURATION_TEMPLATE.format(**names), MODELING_TEMPLATE.format(**names)
+
+
+_REGISTERED: dict[str, tuple[type, type]] = {}
+
+
+def pruned_classes(base_type: str) -> tuple[type, type]:
+    """(config class, model class) for ``pruned_<base_type>``, built from the same text as the remote code."""
+    if base_type in _REGISTERED:
+        return _REGISTERED[base_type]
+    names = _names(base_type)
+    configuration, modeling = render_sources(base_type)
+    namespace = types.ModuleType(f"structprune_pruned_{base_type}")
+    namespace.__dict__["transformers"] = transformers
+    exec(compile(configuration, f"<configuration_pruned {base_type}>", "exec"), namespace.__dict__)
+    exec(compile(modeling, f"<modeling_pruned {base_type}>", "exec"), namespace.__dict__)
+    config_class = namespace.__dict__[names["config_class"]]
+    model_class = namespace.__dict__[names["model_class"]]
+    config_class.__module__ = model_class.__module__ = "modelio.pruned"
+    AutoConfig.register(f"pruned_{base_type}", config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _REGISTERED[base_type] = (config_class, model_class)
+    return config_class, model_class
+
+
+def register_all() -> None:
+    """Register ``pruned_<type>`` for every architecture the pruning engine has rules for."""
+    from depgraph.architectures import RULES
+
+    for rule in RULES:
+        for model_type in rule.model_types:
+            if model_type in CONFIG_MAPPING and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                pruned_classes(model_type)

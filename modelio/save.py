@@ -1,0 +1,114 @@
+"""Saving a pruned model as an ordinary Hugging Face folder, atomically, never over its input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from modelio.pruned import pruned_classes, render_sources
+
+
+class UnsafeSaveError(ValueError):
+    pass
+
+
+def _reference_shapes(config) -> dict[str, tuple[int, int, bool]]:
+    """Linear shapes that the (plain) config would build, on the meta device."""
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    return {name: (m.out_features, m.in_features, m.bias is not None)
+            for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+
+
+def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict]:
+    """(linear shapes, module attributes) that differ from what the plain config builds; empty when uniform."""
+    config = model.config
+    plain = type(config).from_dict({k: v for k, v in config.to_dict().items()
+                                    if k not in ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes")})
+    base_type = config.model_type.removeprefix("pruned_")
+    if base_type != plain.model_type:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        plain = CONFIG_MAPPING[base_type].from_dict(plain.to_dict())
+    expected = _reference_shapes(plain)
+    shapes, attributes = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            actual = (module.out_features, module.in_features, module.bias is not None)
+            if expected.get(name) != actual:
+                shapes[name] = list(actual)
+        if hasattr(module, "num_key_value_groups") and shapes:
+            attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
+    if not shapes:
+        return {}, {}
+    for name, module in model.named_modules():
+        if hasattr(module, "num_key_value_groups"):
+            attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
+    return shapes, attributes
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overwrite: bool = False,
+               source: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` (safetensors) and ``tokenizer`` to ``path`` atomically.
+
+    The folder appears complete or not at all. It never replaces the folder the model was loaded from, and
+    replaces another existing folder only with ``overwrite=True``.
+    """
+    target = Path(path).expanduser()
+    origin = source or getattr(model.config, "_name_or_path", None)
+    if origin and Path(str(origin)).exists() and _same_place(target, Path(str(origin))):
+        raise UnsafeSaveError(f"refusing to write over the input model at {target}: choose another --save_model")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder or pass overwrite=True")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        shapes, attributes = heterogeneous_description(model)
+        config = model.config
+        if shapes:
+            base_type = config.model_type.removeprefix("pruned_")
+            config_class, _ = pruned_classes(base_type)
+            fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
+            fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes)
+            saved_config = config_class(**fields)
+            saved_config.auto_map = {
+                "AutoConfig": f"configuration_pruned.{config_class.__name__}",
+                "AutoModelForCausalLM": f"modeling_pruned.{config_class.__name__.replace('Config', 'ForCausalLM')}",
+            }
+            configuration, modeling = render_sources(base_type)
+            (staging / "configuration_pruned.py").write_text(configuration)
+            (staging / "modeling_pruned.py").write_text(modeling)
+        else:
+            saved_config = config
+            if hasattr(saved_config, "layer_shapes"):
+                saved_config.layer_shapes = None
+        original = model.config
+        model.config = saved_config
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+        finally:
+            model.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        json.loads(config_path.read_text())  # a config that does not parse must never be published
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

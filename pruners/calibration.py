@@ -1,0 +1,66 @@
+"""Calibration: statistics of the inputs of linear layers, and gradients, from calibration batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class InputStatistics:
+    """Running per-feature statistics of a linear layer's input, in float64 (FLAP's fluctuation needs them)."""
+
+    count: int
+    total: torch.Tensor  # sum of x
+    total_sq: torch.Tensor  # sum of x^2
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance over all tokens."""
+        n = max(self.count, 2)
+        return (self.total_sq - self.total ** 2 / n) / (n - 1)
+
+    @property
+    def squared_norm(self) -> torch.Tensor:
+        """Sum of x^2 over tokens divided by token count (Wanda's ``scaler_row``)."""
+        return self.total_sq / max(self.count, 1)
+
+
+@torch.no_grad()
+def collect_input_statistics(
+    model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True
+) -> dict[str, InputStatistics]:
+    """Run the calibration batches through the model and gather input statistics of the named linears."""
+    stats: dict[str, InputStatistics] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            entry = stats.get(name)
+            if entry is None:
+                entry = stats[name] = InputStatistics(0, torch.zeros(x.shape[1], dtype=torch.float64),
+                                                      torch.zeros(x.shape[1], dtype=torch.float64))
+            entry.count += x.shape[0]
+            entry.total += x.sum(0).cpu()
+            entry.total_sq += (x * x).sum(0).cpu()
+
+        return hook
+
+    for name in module_names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
+                          leave=False):
+            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

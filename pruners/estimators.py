@@ -1,0 +1,247 @@
+"""Importance estimators: each gives every element of every space a score (higher = keep).
+
+Estimators see only the ``DependencyGraph``'s spaces and the calibration data, never a hand-written list of
+module names, so they apply to every architecture the graph understands.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from depgraph import DependencyGraph, Space
+from pruners.calibration import InputStatistics, collect_input_statistics
+
+GROUPING = {
+    "sum": lambda stack: stack.sum(0),
+    "mean": lambda stack: stack.mean(0),
+    "max": lambda stack: stack.max(0),
+    "prod": lambda stack: np.prod(stack, axis=0),
+}
+
+
+class Estimator(Protocol):
+    name: str
+
+    def scores(self, graph: DependencyGraph, spaces: list[Space], batches: torch.Tensor | None) -> dict[str, np.ndarray]:
+        ...
+
+
+def per_element(space: Space, name: str, dim: int, values: np.ndarray) -> np.ndarray:
+    """Sum a per-position vector of one parameter dimension into the elements of ``space``."""
+    coordinate = space.members[(name, dim)]
+    inside = coordinate >= 0
+    return np.bincount(coordinate[inside], weights=values[inside], minlength=space.size)
+
+
+def reduce_parameters(space: Space, vectors: dict[tuple[str, int], np.ndarray], grouping: str,
+                      absolute_after: bool = False) -> np.ndarray:
+    """Combine per-parameter element scores into one score per element (LLM-Pruner's grouping strategy)."""
+    rows = []
+    for (name, dim), values in vectors.items():
+        if (name, dim) in space.members:
+            row = per_element(space, name, dim, values)
+            rows.append(np.abs(row) if absolute_after else row)
+    if not rows:
+        raise ValueError(f"no parameter of {space.name} has a score")
+    return GROUPING[grouping](np.stack(rows))
+
+
+def _reduce_to_dim(tensor: torch.Tensor, dim: int) -> np.ndarray:
+    other = [d for d in range(tensor.dim()) if d != dim]
+    return (tensor.sum(dim=other) if other else tensor).double().cpu().numpy()
+
+
+@dataclass
+class MagnitudeEstimator:
+    """L1 / L2 norm of every slice of the group (LLM-Pruner's l1 / l2 baselines)."""
+
+    p: int = 2
+    grouping: str = "sum"
+
+    @property
+    def name(self) -> str:
+        return f"l{self.p}"
+
+    def scores(self, graph, spaces, batches=None):
+        params = dict(graph.model.named_parameters())
+        out = {}
+        for space in spaces:
+            vectors = {(n, d): _reduce_to_dim(params[n].detach().abs().pow(self.p), d) for n, d in space.members}
+            out[space.name] = reduce_parameters(space, vectors, self.grouping)
+        return out
+
+
+@dataclass
+class RandomEstimator:
+    seed: int = 0
+    name: str = "random"
+
+    def scores(self, graph, spaces, batches=None):
+        rng = np.random.default_rng(self.seed)
+        return {space.name: rng.random(space.size) for space in spaces}
+
+
+TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
+
+
+@dataclass
+class TaylorEstimator:
+    """LLM-Pruner's gradient Taylor importance.
+
+    vectorize: |sum over the slice of w*g|; param_first: sum of |w*g|; param_second: sum of |w^2 * H| with
+    H the diagonal Fisher (sum over samples of g^2); param_mix: first + second. Each parameter's importance is
+    reduced to one number per position in the gradient hook, and the gradient is freed at once, so no full
+    set of gradients is held.
+    """
+
+    mode: str = "param_first"
+    grouping: str = "sum"
+    batch_size: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"taylor-{self.mode}"
+
+    def scores(self, graph, spaces, batches):
+        if batches is None:
+            raise ValueError("Taylor importance needs calibration examples (--num_examples)")
+        if self.mode not in TAYLOR_MODES:
+            raise ValueError(f"unknown --taylor {self.mode}: choose from {', '.join(TAYLOR_MODES)}")
+        model = graph.model
+        wanted: dict[str, list[int]] = {}
+        for space in spaces:
+            for name, dim in space.members:
+                wanted.setdefault(name, [])
+                if dim not in wanted[name]:
+                    wanted[name].append(dim)
+        first: dict[tuple[str, int], np.ndarray] = {}
+        second: dict[tuple[str, int], np.ndarray] = {}
+        params = dict(model.named_parameters())
+        needs_first = self.mode in ("vectorize", "param_first", "param_mix")
+        needs_second = self.mode in ("param_second", "param_mix")
+        if needs_first:
+            self._backward(model, batches, params, wanted, lambda w, g: w * g if self.mode == "vectorize"
+                           else (w * g).abs(), first)
+        if needs_second:
+            # The Fisher diagonal needs one gradient per sample.
+            self._backward(model, batches, params, wanted, lambda w, g: (w * g) ** 2 / 2, second, per_sample=True)
+        out = {}
+        for space in spaces:
+            if self.mode == "vectorize":
+                out[space.name] = reduce_parameters(space, first, self.grouping, absolute_after=True)
+            elif self.mode == "param_first":
+                out[space.name] = reduce_parameters(space, first, self.grouping)
+            elif self.mode == "param_second":
+                out[space.name] = reduce_parameters(space, second, self.grouping)
+            else:
+                mixed = {k: first[k] + second[k] for k in first}
+                out[space.name] = reduce_parameters(space, mixed, self.grouping)
+        return out
+
+    def _backward(self, model, batches, params, wanted, importance, into, per_sample=False):
+        handles = []
+        requires = {n: p.requires_grad for n, p in params.items()}
+        for name, param in params.items():
+            param.requires_grad_(name in wanted)
+        device = next(model.parameters()).device
+
+        def hook_for(name):
+            def hook(param):
+                grad = param.grad
+                value = importance(param.detach().float(), grad.float())
+                for dim in wanted[name]:
+                    reduced = _reduce_to_dim(value, dim)
+                    key = (name, dim)
+                    into[key] = into.get(key, 0) + reduced
+                param.grad = None
+
+            return hook
+
+        for name in wanted:
+            handles.append(params[name].register_post_accumulate_grad_hook(hook_for(name)))
+        was_training = model.training
+        model.eval()
+        try:
+            step = 1 if per_sample else self.batch_size
+            # One backward per batch keeps memory bounded; w*g is linear in g, so summing the per-batch
+            # reductions equals reducing the whole gradient (for |w*g| it is LLM-Pruner's per-batch variant).
+            for start in tqdm(range(0, batches.shape[0], step), desc="gradients", leave=False):
+                ids = batches[start : start + step].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+                (loss * ids.shape[0] / batches.shape[0]).backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for name, param in params.items():
+                param.requires_grad_(requires[name])
+                param.grad = None
+            model.train(was_training)
+
+
+ACTIVATION_METRICS = ("IFV", "WIFV", "WIFN", "wanda_sp", "mag_sp")
+
+
+@dataclass
+class ActivationEstimator:
+    """FLAP's fluctuation metrics and the Wanda-sp / magnitude-sp baselines.
+
+    A space is scored through the linear layers whose *input* features belong to it (o_proj for heads,
+    down_proj for MLP channels): per input column j with statistics of x_j over calibration tokens,
+    IFV = Var(x_j); WIFV = Var(x_j) * sum_i W_ij^2; WIFN = mean_i |W_ij| * ||x_j||; wanda_sp = sum_i |W_ij| *
+    ||x_j||; mag_sp = sum_i |W_ij|.
+    """
+
+    metric: str = "WIFV"
+    statistics: dict | None = None  # kept after scoring, for bias compensation
+
+    @property
+    def name(self) -> str:
+        return self.metric
+
+    def input_layers(self, graph: DependencyGraph, space: Space) -> list[str]:
+        modules = dict(graph.model.named_modules())
+        found = []
+        for name, dim in space.members:
+            module_name, _, attr = name.rpartition(".")
+            if attr == "weight" and dim == 1 and isinstance(modules.get(module_name), nn.Linear):
+                found.append(module_name)
+        return sorted(set(found))
+
+    def scores(self, graph, spaces, batches, statistics: dict[str, InputStatistics] | None = None):
+        if self.metric not in ACTIVATION_METRICS:
+            raise ValueError(f"unknown metric {self.metric}: choose from {', '.join(ACTIVATION_METRICS)}")
+        layers = {space.name: self.input_layers(graph, space) for space in spaces}
+        if statistics is None and self.metric != "mag_sp":
+            if batches is None:
+                raise ValueError(f"{self.metric} needs calibration samples (--nsamples)")
+            statistics = collect_input_statistics(graph.model, batches, sorted({m for v in layers.values() for m in v}))
+        self.statistics = statistics
+        out = {}
+        for space in spaces:
+            if not layers[space.name]:
+                raise ValueError(f"{space.name} has no linear layer reading it: {self.metric} cannot score it")
+            vectors = {}
+            for module_name in layers[space.name]:
+                weight = graph.model.get_submodule(module_name).weight.detach().double().cpu()
+                vectors[(f"{module_name}.weight", 1)] = self._column_scores(weight, (statistics or {}).get(module_name))
+            out[space.name] = reduce_parameters(space, vectors, "sum")
+        return out
+
+    def _column_scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> np.ndarray:
+        if self.metric == "mag_sp":
+            return weight.abs().sum(0).numpy()
+        if self.metric == "IFV":
+            return stats.variance.numpy()
+        if self.metric == "WIFV":
+            return (stats.variance * weight.pow(2).sum(0)).numpy()
+        norm = stats.squared_norm.sqrt()
+        if self.metric == "WIFN":
+            return (weight.abs() * norm).mean(0).numpy()
+        return (weight.abs() * norm).sum(0).numpy()  # wanda_sp

@@ -1,0 +1,186 @@
+"""Methods = estimator + allocation structure + action, declared once, reachable by name."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from corpora import calibration_batches
+from depgraph import DependencyGraph, Plan, Space
+from pruners.allocation import allocate
+from pruners.compensation import compensate_bias
+from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
+
+
+@dataclass
+class PruneSettings:
+    """Everything a pruning run depends on (``hf_prune.py`` flags map one to one)."""
+
+    prune_method: str = "flap"
+    pruning_ratio: float = 0.2  # fraction of ALL parameters (embeddings included, tied weights once)
+    pruner_type: str = "taylor"  # llm_pruner: random | l1 | l2 | taylor
+    taylor: str = "param_first"  # vectorize | param_first | param_second | param_mix
+    grouping_strategy: str = "sum"
+    metrics: str = "WIFV"  # flap: IFV | WIFV | WIFN
+    structure: str | None = None  # UL-UM | UL-MM | AL-MM | AL-AM (method default when None)
+    bias_compensation: bool | None = None  # method default when None
+    gqa_policy: str = "query_heads"  # query_heads: even inside kv groups | kv_heads: whole kv groups
+    sublayer: str = "mlp"  # which sub-layers to prune: "mlp", "self_attn" or "self_attn,mlp"
+    block_attention_layer_start: int = 0
+    block_attention_layer_end: int | None = None
+    block_mlp_layer_start: int = 0
+    block_mlp_layer_end: int | None = None
+    calibration: str = "bookcorpus"
+    nsamples: int = 128  # calibration windows for activation statistics
+    num_examples: int = 10  # calibration windows for gradients (Taylor)
+    seq_len: int = 128
+    round_to: int = 1
+    seed: int = 0
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    make_estimator: Callable[[PruneSettings], object]
+    structure: str
+    bias_compensation: bool
+    samples: Callable[[PruneSettings], int]
+
+
+def _llm_pruner_estimator(settings: PruneSettings):
+    kinds = {
+        "taylor": lambda: TaylorEstimator(settings.taylor, settings.grouping_strategy),
+        "l1": lambda: MagnitudeEstimator(1, settings.grouping_strategy),
+        "l2": lambda: MagnitudeEstimator(2, settings.grouping_strategy),
+        "random": lambda: RandomEstimator(settings.seed),
+    }
+    if settings.pruner_type not in kinds:
+        raise ValueError(f"unknown --pruner_type {settings.pruner_type}: choose from {', '.join(kinds)}")
+    return kinds[settings.pruner_type]()
+
+
+METHODS: dict[str, Method] = {
+    "llm_pruner": Method(
+        "LLM-Pruner: gradient Taylor (or l1/l2/random) importance, uniform ratio per layer",
+        _llm_pruner_estimator, "UL-UM", False,
+        lambda s: s.num_examples if s.pruner_type == "taylor" else 0,
+    ),
+    "flap": Method(
+        "FLAP: fluctuation of o_proj/down_proj inputs, bias compensation (--structure AL-AM for its adaptive ranking)",
+        lambda s: ActivationEstimator(s.metrics), "UL-UM", True, lambda s: s.nsamples,
+    ),
+    "wanda_sp": Method("Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"),
+                       "UL-UM", False, lambda s: s.nsamples),
+    "mag_sp": Method("magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
+                     "UL-UM", False, lambda s: 0),
+}
+
+
+@dataclass
+class PruneReport:
+    method: str
+    params_before: int
+    params_after: int
+    budget: int
+    plan: Plan
+    layer_shapes: list[dict]
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def asked_ratio(self) -> float:
+        return self.budget / self.params_before
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def summary(self) -> str:
+        return (
+            f"{self.method}: parameters {self.params_before:,} -> {self.params_after:,}; removed "
+            f"{self.achieved_ratio:.2%} of all parameters (asked {self.asked_ratio:.2%}) in {self.seconds:.1f}s"
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, each counted once (tied embeddings once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space]:
+    n = graph.num_layers
+    attn_end = n if settings.block_attention_layer_end is None else settings.block_attention_layer_end
+    mlp_end = n if settings.block_mlp_layer_end is None else settings.block_mlp_layer_end
+    head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
+    if head_kind is None:
+        raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
+    sublayers = {part.strip() for part in settings.sublayer.split(",") if part.strip()}
+    if not sublayers or not sublayers <= {"self_attn", "mlp"}:
+        raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{settings.sublayer}'")
+    chosen = []
+    for space in graph.spaces:
+        layer = graph.layer_of(space)
+        if layer is None:
+            continue
+        if space.kind == head_kind and "self_attn" in sublayers and settings.block_attention_layer_start <= layer < attn_end:
+            chosen.append(space)
+        elif space.kind == "channels" and "mlp" in sublayers and settings.block_mlp_layer_start <= layer < mlp_end:
+            chosen.append(space)
+    if not chosen:
+        raise ValueError("no attention or MLP block is selected: check the --block_*_layer_start/end flags")
+    return chosen
+
+
+def validate_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--pruning_ratio must be in [0, 1): it is the fraction of all parameters removed, got {ratio}")
+
+
+def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Callable[[str], None] = print,
+                batches: torch.Tensor | None = None) -> PruneReport:
+    """Score, allocate and remove, in place. Returns what was asked and what was achieved.
+
+    ``batches`` ([n, seq_len] token ids) replaces the calibration set named in ``settings`` when given.
+    """
+    validate_ratio(settings.pruning_ratio)
+    if settings.prune_method not in METHODS:
+        raise ValueError(f"unknown --prune_method {settings.prune_method}: choose from {', '.join(METHODS)}")
+    method = METHODS[settings.prune_method]
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    before = count_parameters(model)
+    budget = int(round(settings.pruning_ratio * before))
+    graph = DependencyGraph.build(model)
+    stages["trace"] = time.perf_counter() - start
+    spaces = select_spaces(graph, settings)
+    estimator = method.make_estimator(settings)
+    samples = method.samples(settings)
+    if batches is not None:
+        batches = batches[:samples] if samples else None
+    elif samples:
+        batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len, settings.seed,
+                                      data_dir=settings.data_dir)
+    tick = time.perf_counter()
+    log(f"scoring {len(spaces)} spaces with {estimator.name} on {samples} calibration windows")
+    scores = estimator.scores(graph, spaces, batches) if budget else {s.name: np.zeros(s.size) for s in spaces}
+    stages["estimate"] = time.perf_counter() - tick
+    structure = settings.structure or method.structure
+    plan = allocate(graph, spaces, scores, budget, structure, settings.round_to) if budget else Plan()
+    tick = time.perf_counter()
+    use_bias = method.bias_compensation if settings.bias_compensation is None else settings.bias_compensation
+    if use_bias and not plan.is_empty():
+        statistics = getattr(estimator, "statistics", None)
+        compensate_bias(graph, plan, statistics)
+    graph.apply(plan)
+    stages["apply"] = time.perf_counter() - tick
+    after = count_parameters(model)
+    shapes = getattr(model.config, "layer_shapes", None) or [
+        {"num_attention_heads": model.config.num_attention_heads,
+         "num_key_value_heads": model.config.num_key_value_heads,
+         "intermediate_size": model.config.intermediate_size}] * model.config.num_hidden_layers
+    return PruneReport(settings.prune_method, before, after, budget, plan, shapes, time.perf_counter() - start, stages)

@@ -1,0 +1,165 @@
+"""Estimators against direct computations, budgets, and the prune -> save -> load round trip."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from depgraph import DependencyGraph
+from modelio import load_model, save_model
+from pruners import PruneSettings, count_parameters, prune_model
+from pruners.estimators import ActivationEstimator, MagnitudeEstimator, TaylorEstimator
+from tests.conftest import COMMON, tiny_model
+
+
+@pytest.fixture
+def batches() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(3))
+
+
+def _mlp(model, layer):
+    return model.model.layers[layer].mlp
+
+
+def test_l2_scores_match_direct_computation():
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    space = graph.in_layer(1, "channels")
+    scores = MagnitudeEstimator(p=2).scores(graph, [space], None)[space.name]
+    mlp = _mlp(model, 1)
+    direct = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+              + mlp.down_proj.weight.pow(2).sum(0)).detach().double().numpy()
+    assert np.allclose(scores, direct, rtol=1e-6)
+
+
+def test_wifv_scores_match_direct_computation(batches):
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    space = graph.in_layer(2, "channels")
+    scores = ActivationEstimator("WIFV").scores(graph, [space], batches)[space.name]
+    captured = []
+    down = _mlp(model, 2).down_proj
+    handle = down.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=batches)
+    handle.remove()
+    inputs = torch.cat(captured).double()
+    direct = inputs.var(0, unbiased=True) * down.weight.detach().double().pow(2).sum(0)
+    assert np.allclose(scores, direct.numpy(), rtol=1e-6)
+
+
+def test_query_head_scores_follow_o_proj_columns(batches):
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    space = graph.in_layer(0, "heads")
+    scores = ActivationEstimator("mag_sp").scores(graph, [space], None)[space.name]
+    columns = model.model.layers[0].self_attn.o_proj.weight.detach().double().abs().sum(0)
+    assert np.allclose(scores, columns.view(COMMON["num_attention_heads"], -1).sum(1).numpy())
+
+
+def test_taylor_param_first_matches_direct_computation(batches):
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    space = graph.in_layer(1, "channels")
+    scores = TaylorEstimator("param_first", batch_size=len(batches)).scores(graph, [space], batches)[space.name]
+    reference = copy.deepcopy(model)
+    logits = reference(input_ids=batches).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batches[:, 1:].reshape(-1)).backward()
+    mlp = _mlp(reference, 1)
+    first = lambda w: (w.weight * w.weight.grad).abs()  # noqa: E731
+    direct = first(mlp.gate_proj).sum(1) + first(mlp.up_proj).sum(1) + first(mlp.down_proj).sum(0)
+    assert np.allclose(scores, direct.detach().double().numpy(), rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters()), "gradients must be freed"
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("llm_pruner", {"pruner_type": "taylor", "taylor": "param_mix"}),
+    ("llm_pruner", {"pruner_type": "l2", "sublayer": "self_attn,mlp"}),
+    ("flap", {"structure": "AL-AM", "sublayer": "self_attn,mlp"}),
+    ("flap", {"metrics": "WIFN", "gqa_policy": "kv_heads", "sublayer": "self_attn,mlp", "structure": "AL-MM"}),
+    ("wanda_sp", {"structure": "UL-MM", "sublayer": "self_attn,mlp"}),
+])
+def test_budget_is_met_within_granularity(method, extra, batches):
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=6, num_examples=4, **extra)
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert report.params_after == count_parameters(model)
+    granularity = 2 * COMMON["hidden_size"] * 8 * 2 / report.params_before  # one round of query heads
+    assert abs(report.achieved_ratio - 0.2) <= max(granularity, 0.02)
+    assert torch.isfinite(model(input_ids=batches).logits).all()
+
+
+def test_zero_ratio_changes_nothing(batches):
+    model = tiny_model("llama")
+    before = model(input_ids=batches).logits
+    prune_model(model, None, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.0, nsamples=6), log=lambda _: None,
+                batches=batches)
+    assert torch.equal(before, model(input_ids=batches).logits)
+
+
+@pytest.mark.parametrize("ratio", [1.2, -0.1])
+def test_bad_ratio_is_refused(ratio):
+    with pytest.raises(ValueError, match="fraction of all parameters"):
+        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=ratio))
+
+
+def test_flap_bias_compensation_saves_and_loads_in_a_fresh_process(tmp_path, batches):
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
+                             structure="AL-AM")
+    prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    folder = save_model(model, None, tmp_path / "pruned")
+    expected = model(input_ids=batches).logits
+    torch.save(batches, tmp_path / "ids.pt")
+    # Plain transformers, no project import: the folder carries its own modeling code.
+    script = textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        torch.save(model(input_ids=ids).logits, {str(tmp_path / 'out.pt')!r})
+        print(json.dumps({{"class": type(model).__name__, "modules": sorted(set(type(model).__module__.split('.')[:1]))}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["class"] == "PrunedLlamaForCausalLM"
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    reloaded = load_model(folder)
+    assert torch.equal(reloaded(input_ids=batches).logits, expected)
+
+
+def test_uniform_prune_saves_plain_config(tmp_path, batches):
+    model = tiny_model("mistral")
+    graph = DependencyGraph.build(model)
+    from depgraph import Plan
+
+    graph.apply(Plan(remove={s.name: [0, 1, 2, 3] for s in graph.of_kind("channels")}))
+    folder = save_model(model, None, tmp_path / "uniform")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["intermediate_size"] == COMMON["intermediate_size"] - 4
+    assert not (folder / "modeling_pruned.py").exists()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(reloaded(input_ids=batches).logits, model(input_ids=batches).logits)
+
+
+def test_save_refuses_the_input_folder_and_pickles(tmp_path):
+    model = tiny_model("llama")
+    folder = save_model(model, None, tmp_path / "model")
+    from modelio import UnsafeSaveError
+
+    with pytest.raises(UnsafeSaveError, match="input model"):
+        save_model(model, None, folder, source=folder, overwrite=True)
+    with pytest.raises(UnsafeSaveError, match="not empty"):
+        save_model(model, None, folder)
+    assert not list(tmp_path.glob(".*partial*")), "no half-written folder may remain"
