@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["depgraph*", "pruners*", "evaluation*", "modelio*", "corpora*"]),
-    package_data={"evaluation": ["tasks/*.yaml"]},
+    package_data={"evaluation.tasks": ["*.yaml"]},
     py_modules=["hf_prune"],
     install_requires=[
         "torch>=2.3,<2.15",

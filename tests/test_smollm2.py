@@ -1,0 +1,43 @@
+"""A few checks on the real SmolLM2-135M weights (marked: they load the embedded model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from depgraph import DependencyGraph
+from evaluation import perplexity
+from modelio import ModelNotFoundError, load_model, load_model_and_tokenizer
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model_and_tokenizer("smollm2-135m")
+
+
+def test_real_weights_beat_random_weights(smollm2):
+    model, tokenizer = smollm2
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.rope_parameters["rope_theta"] == 100000.0
+    real = perplexity(model, tokenizer, "wikitext2", max_tokens=1024, progress=False)
+    torch.manual_seed(0)
+    random_model = AutoModelForCausalLM.from_config(model.config).eval()
+    random_ppl = perplexity(random_model, tokenizer, "wikitext2", max_tokens=1024, progress=False)
+    assert real < 100 < 10_000 < random_ppl
+
+
+def test_graph_of_smollm2(smollm2):
+    model, _ = smollm2
+    graph = DependencyGraph.build(model)
+    assert len(graph.of_kind("heads")) == len(graph.of_kind("kv_heads")) == len(graph.of_kind("channels")) == 30
+    heads = graph.in_layer(7, "heads")
+    assert heads.size == 9 and heads.blocks.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    hidden = graph.of_kind("hidden")[0]
+    assert hidden.size == 576 and "lm_head.weight" not in hidden.parameters  # tied: counted once
+
+
+def test_unknown_model_name_is_a_one_line_error():
+    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'"):
+        load_model("no-such-model")
