@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruners.streaming import stream_layers
+
 
 @dataclass
 class InputStatistics:
@@ -34,9 +36,14 @@ class InputStatistics:
 
 @torch.no_grad()
 def collect_input_statistics(
-    model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True
+    model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True,
+    layers: nn.ModuleList | None = None,
 ) -> dict[str, InputStatistics]:
-    """Run the calibration batches through the model and gather input statistics of the named linears."""
+    """Gather input statistics of the named linears over the calibration batches.
+
+    With ``layers`` (the decoder layers) the batches are streamed layer by layer (``pruners.streaming``);
+    otherwise each batch runs through the whole model.
+    """
     stats: dict[str, InputStatistics] = {}
     handles = []
 
@@ -57,9 +64,14 @@ def collect_input_statistics(
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
-                          leave=False):
-            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+        if layers is not None:
+            bar = lambda items: tqdm(items, desc="calibration (layers)", disable=not progress, leave=False)  # noqa: E731
+            for _ in stream_layers(model, layers, batches, batch_size, progress=bar):
+                pass
+        else:
+            for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
+                              leave=False):
+                model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

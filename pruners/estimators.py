@@ -221,7 +221,8 @@ class ActivationEstimator:
         if statistics is None and self.metric != "mag_sp":
             if batches is None:
                 raise ValueError(f"{self.metric} needs calibration samples (--nsamples)")
-            statistics = collect_input_statistics(graph.model, batches, sorted({m for v in layers.values() for m in v}))
+            statistics = collect_input_statistics(graph.model, batches, sorted({m for v in layers.values() for m in v}),
+                                                  layers=graph.rule.decoder_layers(graph.model))
         self.statistics = statistics
         out = {}
         for space in spaces:

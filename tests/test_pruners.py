@@ -163,3 +163,17 @@ def test_save_refuses_the_input_folder_and_pickles(tmp_path):
     with pytest.raises(UnsafeSaveError, match="not empty"):
         save_model(model, None, folder)
     assert not list(tmp_path.glob(".*partial*")), "no half-written folder may remain"
+
+
+def test_layer_streamed_statistics_equal_whole_model_statistics(batches):
+    from pruners.calibration import collect_input_statistics
+
+    model = tiny_model("qwen2")
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(3)] + ["model.layers.1.self_attn.o_proj"]
+    whole = collect_input_statistics(model, batches, names, batch_size=4, progress=False)
+    streamed = collect_input_statistics(model, batches, names, batch_size=4, progress=False,
+                                        layers=model.model.layers)
+    for name in names:
+        assert whole[name].count == streamed[name].count
+        assert torch.allclose(whole[name].total_sq, streamed[name].total_sq, rtol=1e-9)
+        assert torch.allclose(whole[name].variance, streamed[name].variance, rtol=1e-6)

@@ -1,0 +1,150 @@
+"""Every method at 20% and 50% of all parameters on the embedded model, one fresh process per run.
+
+    python bench/methods.py                       # all runs missing from bench/results/methods.jsonl
+    python bench/methods.py --only flap-wifv-ulum --ratios 0.2 --zeroshot_limit 200
+    python bench/methods.py --table               # rewrite bench/results/methods.md from the JSONL
+
+Each run records: parameters removed (asked / achieved), WikiText-2 and PTB perplexity (seq 128, first 32,768
+tokens), the zero-shot mean (when --zeroshot_limit > 0), pruning wall time and peak resident memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
+TABLE = ROOT / "bench" / "results" / "methods.md"
+
+BOTH = {"sublayer": "self_attn,mlp"}
+RUNS: dict[str, dict] = {
+    "llm_pruner-l2": {"prune_method": "llm_pruner", "pruner_type": "l2"},
+    "llm_pruner-random": {"prune_method": "llm_pruner", "pruner_type": "random"},
+    "llm_pruner-vectorize": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "vectorize"},
+    "llm_pruner-param_first": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_first"},
+    "llm_pruner-param_mix": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_mix"},
+    "llm_pruner-param_first-attn+mlp": {"prune_method": "llm_pruner", "pruner_type": "taylor",
+                                        "taylor": "param_first", **BOTH},
+    "flap-IFV-UL-UM": {"prune_method": "flap", "metrics": "IFV", "structure": "UL-UM"},
+    "flap-WIFV-UL-UM": {"prune_method": "flap", "metrics": "WIFV", "structure": "UL-UM"},
+    "flap-WIFN-UL-UM": {"prune_method": "flap", "metrics": "WIFN", "structure": "UL-UM"},
+    "flap-WIFV-UL-UM-nobias": {"prune_method": "flap", "metrics": "WIFV", "structure": "UL-UM",
+                               "bias_compensation": False},
+    "flap-WIFV-AL-MM": {"prune_method": "flap", "metrics": "WIFV", "structure": "AL-MM"},
+    "flap-WIFV-AL-AM-attn+mlp": {"prune_method": "flap", "metrics": "WIFV", "structure": "AL-AM", **BOTH},
+    "flap-WIFV-UL-MM-attn+mlp": {"prune_method": "flap", "metrics": "WIFV", "structure": "UL-MM", **BOTH},
+    "wanda_sp": {"prune_method": "wanda_sp"},
+    "mag_sp": {"prune_method": "mag_sp"},
+}
+RATIOS = (0.2, 0.5)
+
+
+def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> dict:
+    import torch
+
+    from evaluation import perplexity
+    from modelio import load_model_and_tokenizer
+    from pruners import PruneSettings, prune_model
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    settings = PruneSettings(pruning_ratio=ratio, **RUNS[name])
+    start = time.perf_counter()
+    report = prune_model(model, tokenizer, settings, log=lambda _: None)
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {
+        "run": name, "ratio": ratio, "settings": RUNS[name], "params_after": report.params_after,
+        "achieved_ratio": round(report.achieved_ratio, 4), "prune_seconds": round(seconds, 1),
+        "peak_rss_mib": round(peak_mib), "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} CPU, 2 threads",
+    }
+    for dataset in ("wikitext2", "ptb"):
+        row[f"ppl_{dataset}"] = round(perplexity(model, tokenizer, dataset, seq_len=128, max_tokens=max_tokens,
+                                                 progress=False), 2)
+    if zeroshot_limit:
+        from evaluation.zeroshot import zero_shot
+
+        result = zero_shot(model, tokenizer, tasks="all", limit=zeroshot_limit)
+        row["zeroshot_mean"] = round(100 * result.mean, 2)
+        row["zeroshot_limit"] = zeroshot_limit
+    return row
+
+
+def write_table() -> None:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+    lines = [
+        "| run | ratio asked | removed | WT2 PPL | PTB PPL | zero-shot mean | prune time (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["ratio"], r["ppl_wikitext2"])):
+        zs = f"{row['zeroshot_mean']:.2f} (@{row['zeroshot_limit']})" if "zeroshot_mean" in row else "–"
+        lines.append(
+            f"| {row['run']} | {row['ratio']:.0%} | {row['achieved_ratio']:.2%} | {row['ppl_wikitext2']:.2f} | "
+            f"{row['ppl_ptb']:.2f} | {zs} | {row['prune_seconds']:.0f} | {row['peak_rss_mib']} |"
+        )
+    machines = sorted({f"{r['machine']}, {r['date']}" for r in rows})
+    TABLE.write_text(
+        "SmolLM2-135M-Instruct, fp32; ratio = fraction of all parameters; perplexity at seq 128 on the first "
+        "32,768 tokens; calibration: 128 BookCorpus-style windows (10 for gradients); no fine-tuning. "
+        f"Dense: WT2 56.35, PTB 91.20. Produced by `python bench/methods.py` on {'; '.join(machines)}.\n\n"
+        + "\n".join(lines) + "\n"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="comma list of run names")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--zeroshot_limit", type=int, default=0, help="documents per task (0: skip zero-shot)")
+    parser.add_argument("--max_tokens", type=int, default=32768)
+    parser.add_argument("--redo", action="store_true", help="run again even if the results file has the run")
+    parser.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        name, ratio = args.one.rsplit("@", 1)
+        print(json.dumps(run_one(name, float(ratio), args.zeroshot_limit, args.max_tokens)))
+        return 0
+    if not args.table:
+        names = args.only.split(",") if args.only else list(RUNS)
+        unknown = [n for n in names if n not in RUNS]
+        if unknown:
+            parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
+        done = set()
+        if RESULTS.exists() and not args.redo:
+            done = {(r["run"], r["ratio"]) for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        for ratio in map(float, args.ratios.split(",")):
+            for name in names:
+                if (name, ratio) in done:
+                    continue
+                print(f"== {name} at {ratio:.0%}", flush=True)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--one", f"{name}@{ratio}", "--zeroshot_limit",
+                     str(args.zeroshot_limit), "--max_tokens", str(args.max_tokens)],
+                    capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    print(f"   failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"   WT2 {row['ppl_wikitext2']}  PTB {row['ppl_ptb']}  removed {row['achieved_ratio']:.2%}"
+                      f"  {row['prune_seconds']}s", flush=True)
+                with RESULTS.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                write_table()
+    write_table()
+    print(TABLE.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
