@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 import torch
@@ -113,7 +113,14 @@ class DependencyGraph:
         """Draw the spaces of one decoder layer and the parameters they couple, as a PNG."""
         from depgraph.drawing import draw_spaces
 
-        spaces = [s for s in self.spaces if self.layer_of(s) == index]
+        prefix = f"{self.rule.layers}.{index}."
+        spaces = []
+        for space in self.spaces:
+            if self.layer_of(space) == index:
+                spaces.append(space)
+            elif space.kind == "hidden":  # only its edges into this layer
+                members = {key: value for key, value in space.members.items() if key[0].startswith(prefix)}
+                spaces.append(replace(space, members=members))
         return draw_spaces(spaces, f"layer {index} of {type(self.model).__name__}", path)
 
 

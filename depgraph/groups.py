@@ -15,7 +15,9 @@ import numpy as np
 from depgraph.dims import FactorLayout, PartitionLayout
 from depgraph.trace import TraceResult
 
-KINDS = ("hidden", "heads", "kv_heads", "channels", "head_dim")
+# head_dim: the value dimension inside each head; head_dim_pairs: query/key dimensions that rotary embeddings
+# pair up (d and d + head_dim/2), removable only together.
+KINDS = ("hidden", "heads", "kv_heads", "channels", "head_dim", "head_dim_pairs")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def _roles(layouts, broadcast: set[int], find, sizes) -> dict[int, str]:
                     roles[part] = "heads" if position == 0 and len(real) > 1 else "head_dim"
         else:
             for _, _, part in layout.ranges:
-                roles.setdefault(find(part), "head_dim")
+                roles.setdefault(find(part), "head_dim_pairs")
     return roles
 
 

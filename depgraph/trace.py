@@ -75,8 +75,12 @@ class Tracer(TorchDispatchMode):
     # -- the dispatch hook -------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        result = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" and args[0].device.type == "meta":
+            # Meta tensors have no values; data-dependent checks in modeling code (packed-sequence masks)
+            # only need "no": the example input is one ordinary, unpadded sequence per row.
+            return False if args[0].dtype == torch.bool else 0
+        result = func(*args, **kwargs)
         outputs = [r for r in (result if isinstance(result, (list, tuple)) else [result]) if isinstance(r, torch.Tensor)]
         inputs = _tensors(args) + _tensors(kwargs.values())
         live_inputs = [t for t in inputs if id(t) in self.live or id(t) in self.parameters]

@@ -127,3 +127,28 @@ def test_unknown_architecture_names_the_missing_rule():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(MissingArchitectureRule, match="no architecture rule for model_type 'gpt2'"):
         DependencyGraph.build(model)
+
+
+def test_summary_and_layer_picture(tmp_path):
+    graph = DependencyGraph.build(tiny_model("qwen2"))
+    text = graph.summary()
+    assert "model.layers.0.self_attn:heads" in text and "kv_heads" in text
+    path = graph.draw_layer(1, str(tmp_path / "layer1.png"))
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_qwen2_biases_follow_their_heads():
+    graph = DependencyGraph.build(tiny_model("qwen2"))
+    kv_heads = graph.in_layer(0, "kv_heads")
+    assert "model.layers.0.self_attn.k_proj.bias" in kv_heads.parameters
+    assert "model.layers.0.self_attn.q_proj.bias" in graph.in_layer(0, "heads").parameters
+
+
+def test_rotary_pairs_are_coupled():
+    graph = DependencyGraph.build(tiny_model("llama"))
+    pairs = graph.in_layer(0, "head_dim_pairs")
+    rows = {s.name: s.indices for s in pairs.slices([1])}["model.layers.0.self_attn.q_proj.weight"]
+    head_dim = COMMON["head_dim"]
+    # element 1 is dimension 1 and dimension 1 + head_dim/2 of every query head
+    assert rows == tuple(sorted(h * head_dim + d for h in range(COMMON["num_attention_heads"]) for d in (1, 1 + head_dim // 2)))
