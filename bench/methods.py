@@ -25,14 +25,17 @@ RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
 TABLE = ROOT / "bench" / "results" / "methods.md"
 
 BOTH = {"sublayer": "self_attn,mlp"}
+# LLM-Pruner's own recipe keeps the first layers whole (its 7B scripts prune layers 4-30); the peers' SmolLM2
+# rows use layers 4-29.
+LAYERS_4_ON = {"block_attention_layer_start": 4, "block_mlp_layer_start": 4}
 RUNS: dict[str, dict] = {
-    "llm_pruner-l2": {"prune_method": "llm_pruner", "pruner_type": "l2"},
-    "llm_pruner-random": {"prune_method": "llm_pruner", "pruner_type": "random"},
-    "llm_pruner-vectorize": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "vectorize"},
-    "llm_pruner-param_first": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_first"},
-    "llm_pruner-param_mix": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_mix"},
+    "llm_pruner-l2": {"prune_method": "llm_pruner", "pruner_type": "l2", **LAYERS_4_ON},
+    "llm_pruner-random": {"prune_method": "llm_pruner", "pruner_type": "random", **LAYERS_4_ON},
+    "llm_pruner-vectorize": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "vectorize", **LAYERS_4_ON},
+    "llm_pruner-param_first": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_first", **LAYERS_4_ON},
+    "llm_pruner-param_mix": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_mix", **LAYERS_4_ON},
     "llm_pruner-param_first-attn+mlp": {"prune_method": "llm_pruner", "pruner_type": "taylor",
-                                        "taylor": "param_first", **BOTH},
+                                        "taylor": "param_first", **BOTH, **LAYERS_4_ON},
     "flap-IFV-UL-UM": {"prune_method": "flap", "metrics": "IFV", "structure": "UL-UM"},
     "flap-WIFV-UL-UM": {"prune_method": "flap", "metrics": "WIFV", "structure": "UL-UM"},
     "flap-WIFN-UL-UM": {"prune_method": "flap", "metrics": "WIFN", "structure": "UL-UM"},
@@ -81,6 +84,7 @@ def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> di
 
 def write_table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+    rows = list({(row["run"], row["ratio"]): row for row in rows}.values())  # the latest row of each run wins
     lines = [
         "| run | ratio asked | removed | WT2 PPL | PTB PPL | zero-shot mean | prune time (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|",

@@ -138,13 +138,68 @@ def load_model(
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    folder = Path(source)
+    if folder.is_dir():
+        _check_weights(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
-        if Path(source).exists():
+        if folder.exists():
             raise ModelNotFoundError(f"could not load {source}: {error}") from error
         raise _hub_error(source, error) from error
+    except Exception as error:
+        if folder.exists() and "safetensor" in f"{type(error).__module__} {type(error).__name__} {error}".lower():
+            raise ModelNotFoundError(
+                f"the weights in {source} are corrupt or truncated ({error}): save the model again"
+            ) from error
+        raise
     return model.to(device).eval()
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse pickled checkpoints before anything is unpickled; check safetensors headers are whole."""
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    if not safetensors_files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        if pickles:
+            raise ModelNotFoundError(
+                f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); only safetensors are loaded: "
+                f"re-save it with save_pretrained (safetensors)"
+            )
+        return
+    from safetensors import safe_open
+
+    for path in safetensors_files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+            raise ModelNotFoundError(
+                f"the weights in {path} are corrupt or truncated ({error}): save the model again"
+            ) from error
+        expected = _safetensors_extent(path)
+        if expected is not None and path.stat().st_size < expected:
+            raise ModelNotFoundError(f"the weights in {path} are corrupt or truncated: save the model again")
+
+
+def _safetensors_extent(path: Path) -> int | None:
+    """Bytes a safetensors file must have according to its own header."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return 8
+        header_size = struct.unpack("<Q", prefix)[0]
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError:
+            return None
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return 8 + header_size + (max(ends) if ends else 0)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -30,7 +30,23 @@ class {config_class}({base_config}):
         self.pruned_linear_shapes = pruned_linear_shapes or {{}}
         self.pruned_module_attributes = pruned_module_attributes or {{}}
         self.layer_shapes = layer_shapes
+        # Pruned heads keep their own head_dim, so the hidden size need not be a multiple of the head count,
+        # which the base config's validator insists on: validate with a stand-in width, then set the real one.
+        hidden, heads = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
+        if hidden and heads and hidden % heads and kwargs.get("head_dim"):
+            kwargs["hidden_size"] = heads * kwargs["head_dim"]
         super().__init__(**kwargs)
+        if hidden:
+            self.hidden_size = hidden
+
+    def validate(self):
+        hidden = self.hidden_size
+        if self.num_attention_heads and hidden % self.num_attention_heads and getattr(self, "head_dim", None):
+            self.hidden_size = self.num_attention_heads * self.head_dim
+        try:
+            super().validate()
+        finally:
+            self.hidden_size = hidden
 '''
 
 MODELING_TEMPLATE = '''"""Model class of a structurally pruned {base_type} model (written by structprune)."""

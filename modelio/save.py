@@ -26,30 +26,40 @@ def _reference_shapes(config) -> dict[str, tuple[int, int, bool]]:
             for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
 
 
-def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict]:
-    """(linear shapes, module attributes) that differ from what the plain config builds; empty when uniform."""
-    config = model.config
-    plain = type(config).from_dict({k: v for k, v in config.to_dict().items()
-                                    if k not in ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes")})
-    base_type = config.model_type.removeprefix("pruned_")
-    if base_type != plain.model_type:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+_PRUNED_KEYS = ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes", "auto_map")
 
-        plain = CONFIG_MAPPING[base_type].from_dict(plain.to_dict())
-    expected = _reference_shapes(plain)
-    shapes, attributes = {}, {}
+
+def _plain_config_is_valid(config) -> bool:
+    """Whether the architecture's own config class accepts these sizes (it may insist hidden % heads == 0)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base_type = config.model_type.removeprefix("pruned_")
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
+    try:
+        CONFIG_MAPPING[base_type](**fields)
+    except Exception:  # noqa: BLE001 - strict-dataclass validation errors derive from several bases
+        return False
+    return True
+
+
+def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict]:
+    """(linear shapes, module attributes) that differ from what the uniform config builds; empty when uniform."""
+    config = model.config
+    base_type = config.model_type.removeprefix("pruned_")
+    config_class, _ = pruned_classes(base_type)
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
+    expected = _reference_shapes(config_class(**fields))
+    shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             actual = (module.out_features, module.in_features, module.bias is not None)
             if expected.get(name) != actual:
                 shapes[name] = list(actual)
-        if hasattr(module, "num_key_value_groups") and shapes:
-            attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
-    if not shapes:
-        return {}, {}
-    for name, module in model.named_modules():
-        if hasattr(module, "num_key_value_groups"):
-            attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
+    attributes = {}
+    if shapes:
+        for name, module in model.named_modules():
+            if hasattr(module, "num_key_value_groups"):
+                attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
     return shapes, attributes
 
 
@@ -78,10 +88,10 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     try:
         shapes, attributes = heterogeneous_description(model)
         config = model.config
-        if shapes:
+        if shapes or not _plain_config_is_valid(config):
             base_type = config.model_type.removeprefix("pruned_")
             config_class, _ = pruned_classes(base_type)
-            fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
+            fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
             fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes)
             saved_config = config_class(**fields)
             saved_config.auto_map = {

@@ -161,3 +161,21 @@ def test_smollm2_arc_easy_few_docs():
     result = zero_shot(model, tokenizer, tasks=["arc_easy"], limit=4)
     assert result.samples == {"arc_easy": 4}
     assert 0.0 <= result.metrics["arc_easy"]["acc_norm"] <= 1.0
+
+
+def test_lm_eval_scores_a_saved_pruned_folder_by_path(tiny_lm, data_dir, tmp_path):
+    import copy
+
+    from depgraph import DependencyGraph, Plan
+    from modelio import save_model
+
+    model, tokenizer = tiny_lm
+    pruned = copy.deepcopy(model)
+    graph = DependencyGraph.build(pruned)
+    graph.apply(Plan(remove={graph.in_layer(0, "channels").name: [1, 2, 3], graph.in_layer(1, "heads").name: [0, 2]}))
+    folder = save_model(pruned, tokenizer, tmp_path / "pruned")
+    assert (folder / "modeling_pruned.py").exists()
+    result = zero_shot(str(folder), tasks="piqa", limit=3, batch_size=2, data_dir=data_dir)
+    assert result.samples == {"piqa": 3}
+    in_memory = zero_shot(pruned, tokenizer, tasks="piqa", limit=3, batch_size=2, data_dir=data_dir)
+    assert result.metrics == in_memory.metrics

@@ -1,0 +1,146 @@
+"""prune -> save -> load in a fresh process == the same logits, for every kind of removal."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from depgraph import DependencyGraph, Plan
+from modelio import ModelNotFoundError, load_model, save_model
+from pruners.compensation import compensate_bias
+from pruners.calibration import collect_input_statistics
+from tests.conftest import COMMON, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plan(graph: DependencyGraph, kind: str) -> Plan:
+    hidden = graph.of_kind("hidden")[0].name
+    return {
+        "heads": Plan(remove={graph.in_layer(0, "heads").name: [1, 5]}),
+        "kv_heads": Plan(remove={graph.in_layer(2, "kv_heads").name: [0]}),
+        "mlp": Plan(remove={graph.in_layer(1, "channels").name: list(range(0, 40, 3))}),
+        "mlp_uniform": Plan(remove={s.name: [0, 1, 2, 3, 4, 5, 6, 7] for s in graph.of_kind("channels")}),
+        "hidden": Plan(remove={hidden: [0, 5, 9, 17, 20, 33]}),  # 42 = 6 heads x 7: a valid plain config
+        "hidden_odd": Plan(remove={hidden: [1, 2, 3]}),  # 45: plain LlamaConfig refuses it
+        "layers": Plan(layers=[0, 2]),
+        "everything": Plan(remove={hidden: [3], graph.in_layer(0, "heads").name: [0, 3],
+                                   graph.in_layer(2, "channels").name: [7, 8]}, layers=[1]),
+    }[kind]
+
+
+KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "everything", "bias"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every kind pruned and saved once; logits recorded for the fresh-process check."""
+    root = tmp_path_factory.mktemp("saved")
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, root / "ids.pt")
+    expected = {}
+    for kind in KINDS:
+        model = tiny_model("llama")
+        graph = DependencyGraph.build(model)
+        if kind == "bias":
+            plan = Plan(remove={graph.in_layer(1, "channels").name: [2, 4, 6], graph.in_layer(0, "heads").name: [2, 4]})
+            names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+            compensate_bias(graph, plan, collect_input_statistics(model, ids, names, progress=False))
+        else:
+            plan = _plan(graph, kind)
+        graph.apply(plan)
+        save_model(model, None, root / kind)
+        with torch.no_grad():
+            expected[kind] = model(input_ids=ids).logits
+    return root, ids, expected
+
+
+def _run_fresh(script: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=cwd,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_fresh_process_loads_identical_logits(saved):
+    root, ids, expected = saved
+    _run_fresh(f"""
+        import torch
+        from modelio import load_model
+        ids = torch.load({str(root / 'ids.pt')!r})
+        for kind in {KINDS!r}:
+            model = load_model({str(root)!r} + "/" + kind)
+            with torch.no_grad():
+                torch.save(model(input_ids=ids).logits, {str(root)!r} + f"/{{kind}}.logits.pt")
+    """, root)
+    for kind in KINDS:
+        assert torch.equal(torch.load(root / f"{kind}.logits.pt"), expected[kind]), kind
+
+
+def test_plain_transformers_with_remote_code(saved):
+    root, ids, expected = saved
+    out = _run_fresh(f"""
+        import torch, json
+        from transformers import AutoModelForCausalLM
+        ids = torch.load({str(root / 'ids.pt')!r})
+        classes = {{}}
+        for kind in ["heads", "everything", "bias", "mlp_uniform", "layers", "hidden_odd"]:
+            model = AutoModelForCausalLM.from_pretrained({str(root)!r} + "/" + kind, trust_remote_code=True)
+            classes[kind] = type(model).__name__
+            with torch.no_grad():
+                torch.save(model(input_ids=ids).logits, {str(root)!r} + f"/{{kind}}.plain.pt")
+        print(json.dumps(classes))
+    """, root)
+    classes = json.loads(out.strip().splitlines()[-1])
+    assert classes["mlp_uniform"] == classes["layers"] == "LlamaForCausalLM"  # uniform: no custom code needed
+    assert classes["heads"] == "PrunedLlamaForCausalLM"
+    for kind in classes:
+        assert torch.equal(torch.load(root / f"{kind}.plain.pt"), expected[kind]), kind
+
+
+def test_uniform_saves_have_no_code(saved):
+    root, _, _ = saved
+    for kind in ("mlp_uniform", "layers", "hidden"):
+        config = json.loads((root / kind / "config.json").read_text())
+        assert config["model_type"] == "llama" and "auto_map" not in config, kind
+        assert not (root / kind / "modeling_pruned.py").exists()
+    config = json.loads((root / "layers" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    config = json.loads((root / "hidden" / "config.json").read_text())
+    assert config["hidden_size"] == COMMON["hidden_size"] - 6
+    odd = json.loads((root / "hidden_odd" / "config.json").read_text())
+    assert odd["model_type"] == "pruned_llama" and odd["hidden_size"] == COMMON["hidden_size"] - 3
+    assert not list(root.glob("*.safetensors*")) and not list(root.rglob("*.bin"))
+
+
+def test_generation_after_loading(saved):
+    root, ids, _ = saved
+    model = load_model(root / "everything")
+    out = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_truncated_checkpoint_is_a_clear_error(saved, tmp_path):
+    root, _, _ = saved
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "heads", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotFoundError, match="corrupt or truncated"):
+        load_model(broken)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    model = tiny_model("llama")
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_model(tmp_path / "pickled")
