@@ -42,34 +42,33 @@ def _positions(spaces: Mapping[str, Space], plan: Plan) -> dict[tuple[str, int],
     return positions
 
 
-def _check_attention(spaces: Mapping[str, Space], plan: Plan, positions, model: nn.Module, rule: ArchitectureRule):
-    layers = rule.decoder_layers(model)
-    for index, layer in enumerate(layers):
-        if index in plan.layers:
+def _check_attention(spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
+    """Every kept layer keeps at least one head, and as many query heads in every key-value group."""
+    for heads in (s for s in spaces.values() if s.kind == "heads"):
+        if rule.layer_index(heads.module) in plan.layers:
             continue
-        attention = layer.get_submodule(rule.attention)
-        head_dim = rule.head_dim(attention)
-        prefix = _module_name(model, attention)
-        queries, keys = rule.head_counts(attention)
-        q_left = queries - len(positions.get((f"{prefix}.{rule.query}.weight", 0), ())) // head_dim
-        k_left = keys - len(positions.get((f"{prefix}.{rule.key}.weight", 0), ())) // head_dim
-        if q_left <= 0 or k_left <= 0:
+        removed = {int(e) for e in plan.remove.get(heads.name, ())}
+        if heads.blocks is not None and heads.block_space in spaces:
+            gone_groups = {int(e) for e in plan.remove.get(heads.block_space, ())}
+            removed |= {h for h in range(heads.size) if int(heads.blocks[h]) in gone_groups}
+            groups = sorted(set(int(b) for b in heads.blocks) - gone_groups)
+            left = [sum(1 for h in range(heads.size) if heads.blocks[h] == g and h not in removed) for g in groups]
+        else:
+            left = [heads.size - len(removed)]
+        if not groups_nonempty(left):
             raise InvalidPlan(
-                f"the plan removes every attention head of layer {index}: lower the ratio, or remove the layer "
+                f"the plan removes every attention head of {heads.module}: lower the ratio, or remove the layer "
                 f"itself (plan.layers)"
             )
-        if q_left % k_left:
+        if len(set(left)) > 1:
             raise InvalidPlan(
-                f"layer {index} would keep {q_left} query heads for {k_left} key-value heads: remove query heads "
-                f"evenly inside every key-value group"
+                f"{heads.module} would keep {left} query heads in its key-value groups: remove query heads evenly "
+                f"inside every key-value group"
             )
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    raise KeyError("module not in model")
+def groups_nonempty(left: list[int]) -> bool:
+    return bool(left) and all(n > 0 for n in left)
 
 
 def _compensate_norms(model: nn.Module, rule: ArchitectureRule, hidden: Space, removed: int) -> None:
@@ -171,7 +170,7 @@ def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: 
     if plan.is_empty():
         return
     positions = _positions(spaces, plan)
-    _check_attention(spaces, plan, positions, model, rule)
+    _check_attention(spaces, plan, rule)
     for name, elements in plan.remove.items():
         space = spaces[name]
         if space.kind == "hidden" and elements:

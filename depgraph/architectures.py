@@ -6,6 +6,7 @@ Adding an architecture = adding a rule here (see the README, "Adding an architec
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,10 +25,10 @@ class ArchitectureRule:
     layers: str = "model.layers"  # the ModuleList of decoder layers
     attention: str = "self_attn"  # attention module inside a layer
     mlp: str = "mlp"
-    query: str = "q_proj"  # the projections whose output rows give the head counts
-    key: str = "k_proj"
-    value: str = "v_proj"
-    up: str = "up_proj"  # a projection whose output width is the MLP width
+    output: str = "o_proj"  # its input columns are the query heads (times head_dim)
+    key: str | None = "k_proj"  # its output rows are the key-value heads (times head_dim)
+    fused_qkv: str | None = None  # Phi-3: one projection for q, k and v
+    down: str = "down_proj"  # its input width is the MLP width
     norm_epsilon_attributes: tuple[str, ...] = ("variance_epsilon", "eps")
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     epsilon_config_field: str = "rms_norm_eps"
@@ -45,12 +46,23 @@ class ArchitectureRule:
     def head_counts(self, attention: nn.Module) -> tuple[int, int]:
         """(query heads, key-value heads) of one attention module, read off its weights."""
         head_dim = self.head_dim(attention)
-        queries = attention.get_submodule(self.query).weight.shape[0] // head_dim
-        keys = attention.get_submodule(self.key).weight.shape[0] // head_dim
+        queries = attention.get_submodule(self.output).weight.shape[1] // head_dim
+        if self.fused_qkv:
+            keys = (attention.get_submodule(self.fused_qkv).weight.shape[0] // head_dim - queries) // 2
+        else:
+            keys = attention.get_submodule(self.key).weight.shape[0] // head_dim
         return queries, keys
 
     def mlp_width(self, layer: nn.Module) -> int:
-        return int(layer.get_submodule(f"{self.mlp}.{self.up}").weight.shape[0])
+        return int(layer.get_submodule(f"{self.mlp}.{self.down}").weight.shape[1])
+
+    def layer_index(self, module_name: str) -> int | None:
+        """The decoder layer a module name lies in, or None."""
+        prefix = self.layers + "."
+        if not module_name.startswith(prefix):
+            return None
+        head = module_name[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
 
 
 def _set_kv_groups(attention: nn.Module, queries: int, keys: int) -> None:
@@ -61,11 +73,21 @@ def _set_kv_groups(attention: nn.Module, queries: int, keys: int) -> None:
         attention.num_key_value_heads = keys
 
 
+def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
+    """Phi-3 slices its fused projection with ``config.num_attention_heads``: give the module its own config."""
+    _set_kv_groups(attention, queries, keys)
+    if attention.config.num_attention_heads != queries:
+        attention.config = copy.copy(attention.config)
+        attention.config.num_attention_heads = queries
+
+
 RULES: list[ArchitectureRule] = [
     # LLaMA covers Vicuna, Llama-2 and Llama-3 (same model_type); Mistral and Qwen2 share its layout
     # (Qwen2 adds q/k/v biases, which the trace couples by itself).
     ArchitectureRule(model_types=("llama", "mistral", "qwen2"), refresh_attention=_set_kv_groups),
     ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_kv_groups),
+    # Phi-3: fused qkv_proj and gate_up_proj; the trace splits them by their slices and chunks.
+    ArchitectureRule(model_types=("phi3",), key=None, fused_qkv="qkv_proj", refresh_attention=_set_phi3_counts),
 ]
 
 

@@ -49,11 +49,7 @@ class DependencyGraph:
 
     def layer_of(self, space: Space) -> int | None:
         """The decoder layer a space lives in, or None for model-wide spaces (hidden)."""
-        prefix = self.rule.layers + "."
-        if not space.module.startswith(prefix):
-            return None
-        head = space.module[len(prefix):].split(".", 1)[0]
-        return int(head) if head.isdigit() else None
+        return self.rule.layer_index(space.module)
 
     def in_layer(self, index: int, kind: str) -> Space | None:
         for space in self.of_kind(kind):

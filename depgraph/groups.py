@@ -155,6 +155,7 @@ def _merge(found: dict[int, np.ndarray], cls: int, array: np.ndarray) -> None:
 
 def _roles(layouts, broadcast: set[int], find, sizes) -> dict[int, str]:
     roles: dict[int, str] = {}
+    inner_parts: set[int] = set()
     for layout in layouts.values():
         if isinstance(layout, FactorLayout):
             parts = [find(p) for p in layout.parts]
@@ -164,11 +165,17 @@ def _roles(layouts, broadcast: set[int], find, sizes) -> dict[int, str]:
                     roles[p] = "kv_heads"
                 continue
             for position, part in enumerate(real):
+                if position > 0:
+                    inner_parts.add(part)
                 if part not in roles:
                     roles[part] = "heads" if position == 0 and len(real) > 1 else "head_dim"
-        else:
+    for root, layout in layouts.items():
+        if isinstance(layout, PartitionLayout):
+            # Ranges of a head's dimension (rotary halves) pair up; ranges of a plain width (Phi-3's
+            # gate_up chunks) are channels.
+            role = "head_dim_pairs" if find(root) in inner_parts else "channels"
             for _, _, part in layout.ranges:
-                roles.setdefault(find(part), "head_dim_pairs")
+                roles.setdefault(find(part), role)
     return roles
 
 

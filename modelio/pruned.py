@@ -50,6 +50,8 @@ class {config_class}({base_config}):
 '''
 
 MODELING_TEMPLATE = '''"""Model class of a structurally pruned {base_type} model (written by structprune)."""
+import copy
+
 from torch import nn
 from transformers import {base_model}
 
@@ -70,7 +72,12 @@ def resize_pruned_modules(model, config):
     for name, attributes in config.pruned_module_attributes.items():
         module = model.get_submodule(name)
         for attribute, value in attributes.items():
-            setattr(module, attribute, value)
+            if attribute.startswith("config."):
+                if module.config is config:  # this module reads its own sizes from a config of its own
+                    module.config = copy.copy(config)
+                setattr(module.config, attribute[len("config."):], value)
+            else:
+                setattr(module, attribute, value)
 
 
 class {model_class}({base_model}):

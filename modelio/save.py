@@ -59,8 +59,22 @@ def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict]:
     if shapes:
         for name, module in model.named_modules():
             if hasattr(module, "num_key_value_groups"):
-                attributes[name] = {"num_key_value_groups": int(module.num_key_value_groups)}
+                attributes[name] = _attention_attributes(module, config)
     return shapes, attributes
+
+
+def _attention_attributes(module: nn.Module, config) -> dict:
+    """The per-module sizes an attention's forward reads (its own config copy included, as Phi-3's needs)."""
+    recorded = {"num_key_value_groups": int(module.num_key_value_groups)}
+    for attribute in ("num_key_value_heads", "num_heads"):
+        if isinstance(getattr(module, attribute, None), int):
+            recorded[attribute] = int(getattr(module, attribute))
+    own = getattr(module, "config", None)
+    if own is not None and own is not config:
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(own, key, None) != getattr(config, key, None):
+                recorded[f"config.{key}"] = getattr(own, key)
+    return recorded
 
 
 def _same_place(a: Path, b: Path) -> bool:

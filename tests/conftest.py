@@ -14,6 +14,7 @@ from transformers import (  # noqa: E402
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
 )
 
@@ -27,6 +28,7 @@ TINY_CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=16, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
     "gemma": lambda: GemmaConfig(**COMMON, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
 }
 
 

@@ -110,7 +110,7 @@ def test_pruned_model_generates(input_ids):
 def test_removing_every_head_is_refused():
     model = tiny_model("llama")
     graph = DependencyGraph.build(model)
-    with pytest.raises(InvalidPlan, match="every attention head of layer 0"):
+    with pytest.raises(InvalidPlan, match="every attention head of model.layers.0.self_attn"):
         graph.apply(Plan(remove={graph.in_layer(0, "kv_heads").name: [0, 1]}))
 
 

@@ -34,7 +34,8 @@ def _plan(graph: DependencyGraph, kind: str) -> Plan:
     }[kind]
 
 
-KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "everything", "bias"]
+KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "everything", "bias",
+         "phi3_heads", "qwen2_everything"]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,15 @@ def saved(tmp_path_factory):
     torch.save(ids, root / "ids.pt")
     expected = {}
     for kind in KINDS:
-        model = tiny_model("llama")
+        arch, _, which = kind.rpartition("_") if kind.startswith(("phi3", "qwen2")) else ("llama", "", kind)
+        model = tiny_model(arch)
         graph = DependencyGraph.build(model)
-        if kind == "bias":
+        if which == "bias":
             plan = Plan(remove={graph.in_layer(1, "channels").name: [2, 4, 6], graph.in_layer(0, "heads").name: [2, 4]})
             names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
             compensate_bias(graph, plan, collect_input_statistics(model, ids, names, progress=False))
         else:
-            plan = _plan(graph, kind)
+            plan = _plan(graph, which)
         graph.apply(plan)
         save_model(model, None, root / kind)
         with torch.no_grad():
