@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from corpora import DataNotFoundError
+from corpora import DataNotFoundError, resolve_data_dir
 from depgraph import InvalidPlan, MissingArchitectureRule
 from evaluation import perplexity
 from modelio import DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fold removed channels' mean input into a bias (default: the method's)")
     parser.add_argument("--sublayer", default=defaults.sublayer,
                         help="sub-layers to prune: mlp, self_attn or self_attn,mlp")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--block_wise", dest="mode", action="store_const", const="block",
+                       help="prune attention heads and MLP channels (default)")
+    modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel",
+                       help="prune the hidden (residual) width")
+    modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer",
+                       help="remove whole decoder layers (lowest block influence first)")
+    parser.set_defaults(mode="block")
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
                         help="remove query heads evenly inside every kv group, or whole kv groups")
     for block in ("attention", "mlp"):
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         validate_ratio(settings.pruning_ratio)
+        resolve_data_dir(args.data_dir)  # a wrong --data_dir fails before the model loads
         model, tokenizer = load_model_and_tokenizer(args.base_model, device=args.device)
         original = {k: getattr(model.config, k) for k in
                     ("num_attention_heads", "num_key_value_heads", "intermediate_size")}

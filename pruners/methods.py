@@ -30,6 +30,7 @@ class PruneSettings:
     bias_compensation: bool | None = None  # method default when None
     gqa_policy: str = "query_heads"  # query_heads: even inside kv groups | kv_heads: whole kv groups
     sublayer: str = "mlp"  # which sub-layers to prune: "mlp", "self_attn" or "self_attn,mlp"
+    mode: str = "block"  # block: heads and MLP channels | channel: hidden width | layer: whole decoder layers
     block_attention_layer_start: int = 0
     block_attention_layer_end: int | None = None
     block_mlp_layer_start: int = 0
@@ -112,7 +113,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+MODES = ("block", "channel", "layer")
+
+
 def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space]:
+    if settings.mode == "channel":
+        return graph.of_kind("hidden")
     n = graph.num_layers
     attn_end = n if settings.block_attention_layer_end is None else settings.block_attention_layer_end
     mlp_end = n if settings.block_mlp_layer_end is None else settings.block_mlp_layer_end
@@ -148,6 +154,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     ``batches`` ([n, seq_len] token ids) replaces the calibration set named in ``settings`` when given.
     """
     validate_ratio(settings.pruning_ratio)
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown mode {settings.mode}: choose from {', '.join(MODES)}")
     if settings.prune_method not in METHODS:
         raise ValueError(f"unknown --prune_method {settings.prune_method}: choose from {', '.join(METHODS)}")
     method = METHODS[settings.prune_method]
@@ -157,6 +165,10 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     budget = int(round(settings.pruning_ratio * before))
     graph = DependencyGraph.build(model)
     stages["trace"] = time.perf_counter() - start
+    if settings.mode == "layer":
+        plan = _layer_plan(model, tokenizer, graph, settings, budget, batches, log)
+        graph.apply(plan)
+        return _report(model, settings, before, budget, plan, start, stages)
     spaces = select_spaces(graph, settings)
     estimator = method.make_estimator(settings)
     samples = method.samples(settings)
@@ -178,9 +190,34 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
         compensate_bias(graph, plan, statistics)
     graph.apply(plan)
     stages["apply"] = time.perf_counter() - tick
+    return _report(model, settings, before, budget, plan, start, stages)
+
+
+def _report(model, settings, before, budget, plan, start, stages) -> PruneReport:
     after = count_parameters(model)
     shapes = getattr(model.config, "layer_shapes", None) or [
         {"num_attention_heads": model.config.num_attention_heads,
          "num_key_value_heads": model.config.num_key_value_heads,
          "intermediate_size": model.config.intermediate_size}] * model.config.num_hidden_layers
     return PruneReport(settings.prune_method, before, after, budget, plan, shapes, time.perf_counter() - start, stages)
+
+
+def _layer_plan(model, tokenizer, graph: DependencyGraph, settings: PruneSettings, budget: int,
+                batches: torch.Tensor | None, log) -> Plan:
+    """Drop the decoder layers with the lowest block influence until the budget is spent."""
+    from pruners.layers import block_influence
+
+    if batches is None:
+        batches = calibration_batches(tokenizer, settings.calibration, settings.nsamples, settings.seq_len,
+                                      settings.seed, data_dir=settings.data_dir)
+    layers = graph.rule.decoder_layers(model)
+    scores = block_influence(model, layers, batches[: settings.nsamples])
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    log(f"block influence per layer: {np.round(scores, 4).tolist()}")
+    chosen, removed = [], 0
+    for index in np.argsort(scores, kind="stable"):
+        if len(chosen) == len(layers) - 1 or removed + sizes[index] / 2 > budget:
+            break
+        chosen.append(int(index))
+        removed += sizes[index]
+    return Plan(layers=sorted(chosen))

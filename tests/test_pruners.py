@@ -177,3 +177,24 @@ def test_layer_streamed_statistics_equal_whole_model_statistics(batches):
         assert whole[name].count == streamed[name].count
         assert torch.allclose(whole[name].total_sq, streamed[name].total_sq, rtol=1e-9)
         assert torch.allclose(whole[name].variance, streamed[name].variance, rtol=1e-6)
+
+
+def test_layer_wise_drops_the_least_influential_layers(batches):
+    from pruners.layers import block_influence
+
+    model = tiny_model("llama")
+    scores = block_influence(model, model.model.layers, batches)
+    assert scores.shape == (COMMON["num_hidden_layers"],) and (scores >= 0).all()
+    settings = PruneSettings(prune_method="wanda_sp", mode="layer", pruning_ratio=0.25, nsamples=6)
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert report.plan.layers == [int(np.argmin(scores))]
+    assert model.config.num_hidden_layers == COMMON["num_hidden_layers"] - 1
+
+
+def test_channel_wise_prunes_the_hidden_width(batches):
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="wanda_sp", mode="channel", pruning_ratio=0.1, nsamples=6)
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert model.config.hidden_size < COMMON["hidden_size"]
+    assert abs(report.achieved_ratio - 0.1) < 0.03
+    assert torch.isfinite(model(input_ids=batches).logits).all()
