@@ -45,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--structure", default=None, help="UL-UM|UL-MM|AL-MM|AL-AM (method default if unset)")
     parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
                         help="fold removed channels' mean input into a bias (default: the method's)")
-    parser.add_argument("--sublayer", default=defaults.sublayer,
-                        help="sub-layers to prune: mlp, self_attn or self_attn,mlp")
+    parser.add_argument("--sublayer", default=None,
+                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (default: the method's; "
+                             "mlp for pruning methods, both for lorap)")
+    parser.add_argument("--deco_method", default=defaults.deco_method, help="lorap: AWSVD|AFM|SVD")
+    parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
+                        help="lorap: rank of v/o relative to q/k")
+    parser.add_argument("--mlp_compress_method", default=defaults.mlp_compress_method, help="lorap: prune|decom")
+    parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
+                        help="lorap: True keeps the two factors (smaller model), False the dense product")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--block_wise", dest="mode", action="store_const", const="block",
                        help="prune attention heads and MLP channels (default)")

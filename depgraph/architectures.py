@@ -46,15 +46,16 @@ class ArchitectureRule:
     def head_counts(self, attention: nn.Module) -> tuple[int, int]:
         """(query heads, key-value heads) of one attention module, read off its weights."""
         head_dim = self.head_dim(attention)
-        queries = attention.get_submodule(self.output).weight.shape[1] // head_dim
+        # in_features / out_features: plain and low-rank linears both have them
+        queries = attention.get_submodule(self.output).in_features // head_dim
         if self.fused_qkv:
-            keys = (attention.get_submodule(self.fused_qkv).weight.shape[0] // head_dim - queries) // 2
+            keys = (attention.get_submodule(self.fused_qkv).out_features // head_dim - queries) // 2
         else:
-            keys = attention.get_submodule(self.key).weight.shape[0] // head_dim
+            keys = attention.get_submodule(self.key).out_features // head_dim
         return queries, keys
 
     def mlp_width(self, layer: nn.Module) -> int:
-        return int(layer.get_submodule(f"{self.mlp}.{self.down}").weight.shape[1])
+        return int(layer.get_submodule(f"{self.mlp}.{self.down}").in_features)
 
     def layer_index(self, module_name: str) -> int | None:
         """The decoder layer a module name lies in, or None."""

@@ -7,12 +7,13 @@ from modelio.load import (
     load_model_and_tokenizer,
     load_tokenizer,
 )
+from modelio.lowrank import LowRankLinear
 from modelio.pruned import register_all as _register_all
 from modelio.save import UnsafeSaveError, save_model
 
 _register_all()
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED_MODELS", "ModelNotFoundError", "UnsafeSaveError", "load_model",
+    "DEFAULT_MODEL", "EMBEDDED_MODELS", "LowRankLinear", "ModelNotFoundError", "UnsafeSaveError", "load_model",
     "load_model_and_tokenizer", "load_tokenizer", "save_model",
 ]

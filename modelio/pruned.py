@@ -26,8 +26,10 @@ from transformers import {base_config}
 class {config_class}({base_config}):
     model_type = "pruned_{base_type}"
 
-    def __init__(self, pruned_linear_shapes=None, pruned_module_attributes=None, layer_shapes=None, **kwargs):
+    def __init__(self, pruned_linear_shapes=None, pruned_module_attributes=None, layer_shapes=None,
+                 pruned_lowrank=None, **kwargs):
         self.pruned_linear_shapes = pruned_linear_shapes or {{}}
+        self.pruned_lowrank = pruned_lowrank or {{}}
         self.pruned_module_attributes = pruned_module_attributes or {{}}
         self.layer_shapes = layer_shapes
         # Pruned heads keep their own head_dim, so the hidden size need not be a multiple of the head count,
@@ -57,18 +59,26 @@ from transformers import {base_model}
 
 try:
     from .configuration_pruned import {config_class}
+    from .lowrank import LowRankLinear
 except ImportError:  # executed in-process by structprune
-    pass
+    from modelio.lowrank import LowRankLinear
+
+
+def _replace(model, name, new):
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, new)
 
 
 def resize_pruned_modules(model, config):
-    """Replace every linear named in the config by one of the recorded size, and set recorded attributes."""
-    for name, (out_features, in_features, has_bias) in config.pruned_linear_shapes.items():
-        parent_name, _, attribute = name.rpartition(".")
+    """Rebuild every module the config records with its recorded size, and set recorded attributes."""
+    for name, (out_features, in_features, rank, has_bias) in getattr(config, "pruned_lowrank", {{}}).items():
         old = model.get_submodule(name)
-        new = nn.Linear(in_features, out_features, bias=bool(has_bias), device=old.weight.device,
-                        dtype=old.weight.dtype)
-        setattr(model.get_submodule(parent_name), attribute, new)
+        _replace(model, name, LowRankLinear(in_features, out_features, rank, bias=bool(has_bias),
+                                            device=old.weight.device, dtype=old.weight.dtype))
+    for name, (out_features, in_features, has_bias) in config.pruned_linear_shapes.items():
+        old = model.get_submodule(name)
+        _replace(model, name, nn.Linear(in_features, out_features, bias=bool(has_bias), device=old.weight.device,
+                                        dtype=old.weight.dtype))
     for name, attributes in config.pruned_module_attributes.items():
         module = model.get_submodule(name)
         for attribute, value in attributes.items():

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+import modelio.lowrank as lowrank_module
+from modelio.lowrank import LowRankLinear
 from modelio.pruned import pruned_classes, render_sources
 
 
@@ -26,7 +28,7 @@ def _reference_shapes(config) -> dict[str, tuple[int, int, bool]]:
             for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
 
 
-_PRUNED_KEYS = ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes", "auto_map")
+_PRUNED_KEYS = ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes", "pruned_lowrank", "auto_map")
 
 
 def _plain_config_is_valid(config) -> bool:
@@ -42,25 +44,28 @@ def _plain_config_is_valid(config) -> bool:
     return True
 
 
-def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict]:
-    """(linear shapes, module attributes) that differ from what the uniform config builds; empty when uniform."""
+def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict]:
+    """(linear shapes, module attributes, low-rank layers) that differ from what the plain config builds."""
     config = model.config
     base_type = config.model_type.removeprefix("pruned_")
     config_class, _ = pruned_classes(base_type)
     fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
     expected = _reference_shapes(config_class(**fields))
+    lowrank = {name: [m.out_features, m.in_features, m.rank, m.up.bias is not None]
+               for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    inside_lowrank = tuple(f"{name}." for name in lowrank)
     shapes = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and not name.startswith(inside_lowrank):
             actual = (module.out_features, module.in_features, module.bias is not None)
             if expected.get(name) != actual:
                 shapes[name] = list(actual)
     attributes = {}
-    if shapes:
+    if shapes or lowrank:
         for name, module in model.named_modules():
             if hasattr(module, "num_key_value_groups"):
                 attributes[name] = _attention_attributes(module, config)
-    return shapes, attributes
+    return shapes, attributes, lowrank
 
 
 def _attention_attributes(module: nn.Module, config) -> dict:
@@ -100,13 +105,13 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        shapes, attributes = heterogeneous_description(model)
+        shapes, attributes, lowrank = heterogeneous_description(model)
         config = model.config
-        if shapes or not _plain_config_is_valid(config):
+        if shapes or lowrank or not _plain_config_is_valid(config):
             base_type = config.model_type.removeprefix("pruned_")
             config_class, _ = pruned_classes(base_type)
             fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
-            fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes)
+            fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes, pruned_lowrank=lowrank)
             saved_config = config_class(**fields)
             saved_config.auto_map = {
                 "AutoConfig": f"configuration_pruned.{config_class.__name__}",
@@ -115,6 +120,7 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
             configuration, modeling = render_sources(base_type)
             (staging / "configuration_pruned.py").write_text(configuration)
             (staging / "modeling_pruned.py").write_text(modeling)
+            (staging / "lowrank.py").write_text(Path(lowrank_module.__file__).read_text())
         else:
             saved_config = config
             if hasattr(saved_config, "layer_shapes"):

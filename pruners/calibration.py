@@ -17,6 +17,7 @@ class InputStatistics:
     count: int
     total: torch.Tensor  # sum of x
     total_sq: torch.Tensor  # sum of x^2
+    second_moment: torch.Tensor | None = None  # sum of x x^T (only when asked: in x in)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -37,7 +38,7 @@ class InputStatistics:
 @torch.no_grad()
 def collect_input_statistics(
     model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True,
-    layers: nn.ModuleList | None = None,
+    layers: nn.ModuleList | None = None, second_moments: bool = False,
 ) -> dict[str, InputStatistics]:
     """Gather input statistics of the named linears over the calibration batches.
 
@@ -57,6 +58,9 @@ def collect_input_statistics(
             entry.count += x.shape[0]
             entry.total += x.sum(0).cpu()
             entry.total_sq += (x * x).sum(0).cpu()
+            if second_moments:
+                gram = (x.T @ x).cpu()
+                entry.second_moment = gram if entry.second_moment is None else entry.second_moment + gram
 
         return hook
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -11,6 +11,7 @@ from torch import nn
 
 from corpora import calibration_batches
 from depgraph import DependencyGraph, Plan, Space
+from depgraph.apply import refresh_config
 from pruners.allocation import allocate
 from pruners.compensation import compensate_bias
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
@@ -29,7 +30,7 @@ class PruneSettings:
     structure: str | None = None  # UL-UM | UL-MM | AL-MM | AL-AM (method default when None)
     bias_compensation: bool | None = None  # method default when None
     gqa_policy: str = "query_heads"  # query_heads: even inside kv groups | kv_heads: whole kv groups
-    sublayer: str = "mlp"  # which sub-layers to prune: "mlp", "self_attn" or "self_attn,mlp"
+    sublayer: str | None = None  # "mlp", "self_attn" or "self_attn,mlp" (method default when None)
     mode: str = "block"  # block: heads and MLP channels | channel: hidden width | layer: whole decoder layers
     block_attention_layer_start: int = 0
     block_attention_layer_end: int | None = None
@@ -42,15 +43,22 @@ class PruneSettings:
     round_to: int = 1
     seed: int = 0
     data_dir: str | None = None
+    # LoRAP
+    deco_method: str = "AWSVD"  # AWSVD | AFM | SVD
+    para_allocate: float = 3.0  # rank of v/o over rank of q/k
+    mlp_compress_method: str = "prune"  # prune | decom
+    real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
 
 
 @dataclass(frozen=True)
 class Method:
     description: str
-    make_estimator: Callable[[PruneSettings], object]
+    make_estimator: Callable[[PruneSettings], object] | None
     structure: str
     bias_compensation: bool
     samples: Callable[[PruneSettings], int]
+    sublayer: str = "mlp"
+    action: str = "remove"  # remove: slices out | lorap: factorize attention, prune MLP
 
 
 def _llm_pruner_estimator(settings: PruneSettings):
@@ -79,6 +87,8 @@ METHODS: dict[str, Method] = {
                        "UL-UM", False, lambda s: s.nsamples),
     "mag_sp": Method("magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
                      "UL-UM", False, lambda s: 0),
+    "lorap": Method("LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
+                    None, "UL-UM", False, lambda s: s.nsamples, sublayer="self_attn,mlp", action="lorap"),
 }
 
 
@@ -125,7 +135,7 @@ def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space
     head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
     if head_kind is None:
         raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
-    sublayers = {part.strip() for part in settings.sublayer.split(",") if part.strip()}
+    sublayers = {part.strip() for part in (settings.sublayer or "mlp").split(",") if part.strip()}
     if not sublayers or not sublayers <= {"self_attn", "mlp"}:
         raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{settings.sublayer}'")
     chosen = []
@@ -159,6 +169,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     if settings.prune_method not in METHODS:
         raise ValueError(f"unknown --prune_method {settings.prune_method}: choose from {', '.join(METHODS)}")
     method = METHODS[settings.prune_method]
+    if settings.sublayer is None:
+        settings = replace(settings, sublayer=method.sublayer)
     start = time.perf_counter()
     stages: dict[str, float] = {}
     before = count_parameters(model)
@@ -169,9 +181,19 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
         plan = _layer_plan(model, tokenizer, graph, settings, budget, batches, log)
         graph.apply(plan)
         return _report(model, settings, before, budget, plan, start, stages)
+    samples = method.samples(settings)
+    if method.action == "lorap":
+        from pruners.lorap import lorap_compress
+
+        if batches is None:
+            batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
+                                          settings.seed, data_dir=settings.data_dir)
+        layers = _lorap_layers(graph, settings)
+        lorap_compress(graph, settings, batches[:samples], budget, layers, log)
+        refresh_config(model, graph.rule)
+        return _report(model, settings, before, budget, Plan(), start, stages)
     spaces = select_spaces(graph, settings)
     estimator = method.make_estimator(settings)
-    samples = method.samples(settings)
     if batches is not None:
         batches = batches[:samples] if samples else None
     elif samples:
@@ -191,6 +213,12 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     graph.apply(plan)
     stages["apply"] = time.perf_counter() - tick
     return _report(model, settings, before, budget, plan, start, stages)
+
+
+def _lorap_layers(graph: DependencyGraph, settings: PruneSettings) -> list[int]:
+    start = min(settings.block_attention_layer_start, settings.block_mlp_layer_start)
+    ends = [e for e in (settings.block_attention_layer_end, settings.block_mlp_layer_end) if e is not None]
+    return list(range(start, max(ends) if ends else graph.num_layers))
 
 
 def _report(model, settings, before, budget, plan, start, stages) -> PruneReport:

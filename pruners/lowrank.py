@@ -1,0 +1,103 @@
+"""Low-rank factorization of linear layers (LoRAP's AWSVD, AFM and plain SVD) and rank allocation.
+
+- SVD: truncated SVD of W.
+- AWSVD: activation-weighted SVD. Columns of W are scaled by the root mean square of their inputs
+  (s_j = sqrt(E[x_j^2])), the scaled matrix is truncated by SVD, and the scaling is undone in the down factor:
+  W ~ (U_r S_r^1/2) (S_r^1/2 V_r^T diag(1/s)). Errors on frequently large inputs cost more, as they do on the
+  real outputs.
+- AFM: PCA of the output features. With C = W E[x x^T] W^T the output covariance and P_r its top
+  eigenvectors, W ~ P_r (P_r^T W): the kept subspace is the one the outputs actually occupy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelio.lowrank import LowRankLinear
+from pruners.calibration import InputStatistics
+
+DECOMPOSITIONS = ("AWSVD", "AFM", "SVD")
+
+
+def max_useful_rank(in_features: int, out_features: int) -> int:
+    """The largest rank whose two factors hold fewer parameters than the dense matrix."""
+    return max(0, (in_features * out_features - 1) // (in_features + out_features))
+
+
+def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down [rank, in], up [out, rank]) with up @ down ~ weight, in float64 internally."""
+    if method not in DECOMPOSITIONS:
+        raise ValueError(f"unknown --deco_method {method}: choose from {', '.join(DECOMPOSITIONS)}")
+    w = weight.detach().double().cpu()
+    if method == "AWSVD" and stats is None:
+        raise ValueError("AWSVD needs calibration statistics of the layer's inputs")
+    if method == "SVD":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:rank].sqrt()
+        return (root[:, None] * vh[:rank]), (u[:, :rank] * root[None, :])
+    if method == "AWSVD":
+        scale = stats.squared_norm.double().sqrt().clamp_min(1e-6)
+        u, s, vh = torch.linalg.svd(w * scale[None, :], full_matrices=False)
+        root = s[:rank].sqrt()
+        return (root[:, None] * vh[:rank]) / scale[None, :], (u[:, :rank] * root[None, :])
+    if stats is None or stats.second_moment is None:
+        raise ValueError("AFM needs the second moments of the layer's inputs")
+    covariance = w @ (stats.second_moment.double() / max(stats.count, 1)) @ w.T
+    _, vectors = torch.linalg.eigh(covariance)
+    basis = vectors[:, -rank:].flip(-1) if rank else vectors[:, :0]
+    return basis.T @ w, basis
+
+
+def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None,
+              real_com: bool = True) -> nn.Module:
+    """A ``LowRankLinear`` of ``rank`` replacing ``linear`` (bias kept on ``up``).
+
+    With ``real_com=False`` the product is written back into a dense ``nn.Linear`` of the original size (what
+    LoRAP fine-tunes before compressing for real); a rank too large to save parameters keeps the layer.
+    """
+    if rank >= min(linear.in_features, linear.out_features) or rank > max_useful_rank(linear.in_features,
+                                                                                        linear.out_features):
+        return linear
+    down, up = factors(linear.weight, rank, method, stats)
+    dtype, device = linear.weight.dtype, linear.weight.device
+    if not real_com:
+        with torch.no_grad():
+            linear.weight.copy_((up @ down).to(dtype))
+        return linear
+    layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                          device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.down.weight.copy_(down.to(dtype))
+        layer.up.weight.copy_(up.to(dtype))
+        if linear.bias is not None:
+            layer.up.bias.copy_(linear.bias)
+    return layer
+
+
+def shared_rank(shapes: list[tuple[int, int]], weights: list[float], budget: float) -> list[int]:
+    """Ranks r_i = round(weight_i * t) with sum r_i (in_i + out_i) ~ budget, each capped at its useful maximum.
+
+    LoRAP's differentiated allocation: with weights (1, 1, a, a) for (q, k, v, o), v and o get ``a`` times the
+    rank of q and k (``--para_allocate a``). A matrix whose cap binds stays dense and counts fully.
+    """
+    def cost(t: float) -> tuple[float, list[int]]:
+        ranks, total = [], 0.0
+        for (in_f, out_f), weight in zip(shapes, weights):
+            rank = int(round(weight * t))
+            if rank > max_useful_rank(in_f, out_f):
+                ranks.append(min(in_f, out_f))
+                total += in_f * out_f
+            else:
+                ranks.append(rank)
+                total += rank * (in_f + out_f)
+        return total, ranks
+
+    low, high = 0.0, float(max(max(i, o) for i, o in shapes))
+    for _ in range(60):
+        middle = (low + high) / 2
+        if cost(middle)[0] > budget:
+            high = middle
+        else:
+            low = middle
+    return cost(low)[1]
