@@ -46,6 +46,9 @@ RUNS: dict[str, dict] = {
     "flap-WIFV-UL-MM-attn+mlp": {"prune_method": "flap", "metrics": "WIFV", "structure": "UL-MM", **BOTH},
     "wanda_sp": {"prune_method": "wanda_sp"},
     "mag_sp": {"prune_method": "mag_sp"},
+    "lorap-AWSVD": {"prune_method": "lorap", "deco_method": "AWSVD"},
+    "lorap-AFM": {"prune_method": "lorap", "deco_method": "AFM"},
+    "lorap-SVD": {"prune_method": "lorap", "deco_method": "SVD"},
 }
 RATIOS = (0.2, 0.5)
 

@@ -92,12 +92,16 @@ TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
 
 @dataclass
 class TaylorEstimator:
-    """LLM-Pruner's gradient Taylor importance.
+    """LLM-Pruner's gradient Taylor importance, element by element, summed over the group's slices.
 
-    vectorize: |sum over the slice of w*g|; param_first: sum of |w*g|; param_second: sum of |w^2 * H| with
-    H the diagonal Fisher (sum over samples of g^2); param_mix: first + second. Each parameter's importance is
-    reduced to one number per position in the gradient hook, and the gradient is freed at once, so no full
-    set of gradients is held.
+    With g the gradient of the mean loss over the examples and H = mean over examples of g_s^2 (the diagonal
+    Fisher, one backward per example): vectorize = |sum of w*g| per slice; param_first = sum |w*g|;
+    param_second = sum |w*H*w|; param_mix = sum |w*g - 0.5*w*H*w|.
+
+    vectorize and param_first reduce each parameter's importance to one number per position inside the
+    gradient hook and free the gradient at once, so no full set of gradients is ever held. param_second and
+    param_mix need w*g and H element by element across examples: they keep those two accumulators (as
+    LLM-Pruner keeps grad and acc_grad).
     """
 
     mode: str = "param_first"
@@ -113,52 +117,55 @@ class TaylorEstimator:
             raise ValueError("Taylor importance needs calibration examples (--num_examples)")
         if self.mode not in TAYLOR_MODES:
             raise ValueError(f"unknown --taylor {self.mode}: choose from {', '.join(TAYLOR_MODES)}")
-        model = graph.model
         wanted: dict[str, list[int]] = {}
         for space in spaces:
             for name, dim in space.members:
                 wanted.setdefault(name, [])
                 if dim not in wanted[name]:
                     wanted[name].append(dim)
-        first: dict[tuple[str, int], np.ndarray] = {}
-        second: dict[tuple[str, int], np.ndarray] = {}
-        params = dict(model.named_parameters())
-        needs_first = self.mode in ("vectorize", "param_first", "param_mix")
-        needs_second = self.mode in ("param_second", "param_mix")
-        if needs_first:
-            self._backward(model, batches, params, wanted, lambda w, g: w * g if self.mode == "vectorize"
-                           else (w * g).abs(), first)
-        if needs_second:
-            # The Fisher diagonal needs one gradient per sample.
-            self._backward(model, batches, params, wanted, lambda w, g: (w * g) ** 2 / 2, second, per_sample=True)
-        out = {}
-        for space in spaces:
-            if self.mode == "vectorize":
-                out[space.name] = reduce_parameters(space, first, self.grouping, absolute_after=True)
-            elif self.mode == "param_first":
-                out[space.name] = reduce_parameters(space, first, self.grouping)
-            elif self.mode == "param_second":
-                out[space.name] = reduce_parameters(space, second, self.grouping)
-            else:
-                mixed = {k: first[k] + second[k] for k in first}
-                out[space.name] = reduce_parameters(space, mixed, self.grouping)
-        return out
+        vectors: dict[tuple[str, int], np.ndarray] = {}
+        count = batches.shape[0]
+        if self.mode in ("vectorize", "param_first"):
+            signed = self.mode == "vectorize"
 
-    def _backward(self, model, batches, params, wanted, importance, into, per_sample=False):
-        handles = []
+            def reduce_now(name, weight, grad):
+                value = weight * grad if signed else (weight * grad).abs()
+                for dim in wanted[name]:
+                    vectors[(name, dim)] = vectors.get((name, dim), 0) + _reduce_to_dim(value, dim)
+
+            self._backward(graph.model, batches, wanted, reduce_now, per_example=False)
+        else:
+            first: dict[str, torch.Tensor] = {}
+            fisher: dict[str, torch.Tensor] = {}
+
+            def accumulate(name, weight, grad):
+                first[name] = first.get(name, 0) + weight * grad / count
+                fisher[name] = fisher.get(name, 0) + grad * grad / count
+
+            self._backward(graph.model, batches, wanted, accumulate, per_example=True)
+            params = dict(graph.model.named_parameters())
+            for name, dims in wanted.items():
+                weight = params[name].detach().float()
+                second = weight * fisher[name] * weight
+                value = (second if self.mode == "param_second" else first[name] - 0.5 * second).abs()
+                for dim in dims:
+                    vectors[(name, dim)] = _reduce_to_dim(value, dim)
+            first.clear()
+            fisher.clear()
+        return {space.name: reduce_parameters(space, vectors, self.grouping, absolute_after=self.mode == "vectorize")
+                for space in spaces}
+
+    def _backward(self, model, batches, wanted, consume, per_example: bool) -> None:
+        """Backward passes over ``batches``; ``consume(name, weight, grad)`` sees each wanted gradient once."""
+        params = dict(model.named_parameters())
         requires = {n: p.requires_grad for n, p in params.items()}
         for name, param in params.items():
             param.requires_grad_(name in wanted)
-        device = next(model.parameters()).device
+        handles = []
 
         def hook_for(name):
             def hook(param):
-                grad = param.grad
-                value = importance(param.detach().float(), grad.float())
-                for dim in wanted[name]:
-                    reduced = _reduce_to_dim(value, dim)
-                    key = (name, dim)
-                    into[key] = into.get(key, 0) + reduced
+                consume(name, param.detach().float(), param.grad.float())
                 param.grad = None
 
             return hook
@@ -167,15 +174,16 @@ class TaylorEstimator:
             handles.append(params[name].register_post_accumulate_grad_hook(hook_for(name)))
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
+        step = 1 if per_example else self.batch_size
         try:
-            step = 1 if per_sample else self.batch_size
-            # One backward per batch keeps memory bounded; w*g is linear in g, so summing the per-batch
-            # reductions equals reducing the whole gradient (for |w*g| it is LLM-Pruner's per-batch variant).
             for start in tqdm(range(0, batches.shape[0], step), desc="gradients", leave=False):
                 ids = batches[start : start + step].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
-                (loss * ids.shape[0] / batches.shape[0]).backward()
+                # Per example: that example's own gradient (the Fisher needs it). Otherwise the batches add up
+                # to the gradient of the mean loss over all examples.
+                (loss if per_example else loss * ids.shape[0] / batches.shape[0]).backward()
         finally:
             for handle in handles:
                 handle.remove()

@@ -198,3 +198,32 @@ def test_channel_wise_prunes_the_hidden_width(batches):
     assert model.config.hidden_size < COMMON["hidden_size"]
     assert abs(report.achieved_ratio - 0.1) < 0.03
     assert torch.isfinite(model(input_ids=batches).logits).all()
+
+
+@pytest.mark.parametrize("mode", ["vectorize", "param_second", "param_mix"])
+def test_taylor_modes_match_llm_pruner_formulas(mode, batches):
+    model = tiny_model("llama")
+    graph = DependencyGraph.build(model)
+    space = graph.in_layer(0, "channels")
+    scores = TaylorEstimator(mode, batch_size=2).scores(graph, [space], batches)[space.name]
+    reference = copy.deepcopy(model)
+    mlp = _mlp(reference, 0)
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    def grad_of(ids):
+        reference.zero_grad()
+        logits = reference(input_ids=ids).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).backward()
+        return [layer.weight.grad.clone() for layer in layers]
+
+    mean_grad = [sum(g) / len(batches) for g in zip(*[grad_of(batches[i:i + 1]) for i in range(len(batches))])]
+    fisher = [sum(g * g for g in gs) / len(batches) for gs in zip(*[grad_of(batches[i:i + 1]) for i in range(len(batches))])]
+    salience = []
+    for layer, g, h in zip(layers, mean_grad, fisher):
+        w = layer.weight.detach()
+        salience.append({"vectorize": w * g, "param_second": w * h * w, "param_mix": w * g - 0.5 * w * h * w}[mode])
+    if mode == "vectorize":
+        direct = salience[0].sum(1).abs() + salience[1].sum(1).abs() + salience[2].sum(0).abs()
+    else:
+        direct = salience[0].abs().sum(1) + salience[1].abs().sum(1) + salience[2].abs().sum(0)
+    assert np.allclose(scores, direct.double().numpy(), rtol=1e-3, atol=1e-9)
