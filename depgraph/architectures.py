@@ -27,6 +27,7 @@ class ArchitectureRule:
     mlp: str = "mlp"
     output: str = "o_proj"  # its input columns are the query heads (times head_dim)
     key: str | None = "k_proj"  # its output rows are the key-value heads (times head_dim)
+    value: str | None = "v_proj"  # its output rows are the key-value heads (times the value head dim)
     fused_qkv: str | None = None  # Phi-3: one projection for q, k and v
     down: str = "down_proj"  # its input width is the MLP width
     norm_epsilon_attributes: tuple[str, ...] = ("variance_epsilon", "eps")
@@ -45,14 +46,22 @@ class ArchitectureRule:
 
     def head_counts(self, attention: nn.Module) -> tuple[int, int]:
         """(query heads, key-value heads) of one attention module, read off its weights."""
-        head_dim = self.head_dim(attention)
         # in_features / out_features: plain and low-rank linears both have them
-        queries = attention.get_submodule(self.output).in_features // head_dim
+        head_dim = self.head_dim(attention)
         if self.fused_qkv:
+            queries = attention.get_submodule(self.output).in_features // head_dim
             keys = (attention.get_submodule(self.fused_qkv).out_features // head_dim - queries) // 2
-        else:
-            keys = attention.get_submodule(self.key).out_features // head_dim
-        return queries, keys
+            return queries, keys
+        keys = attention.get_submodule(self.key).out_features // head_dim
+        return attention.get_submodule(self.output).in_features // self.value_head_dim(attention), keys
+
+    def value_head_dim(self, attention: nn.Module) -> int:
+        """Value width per head: head_dim unless value dimensions were removed (FLAT-LLM)."""
+        head_dim = self.head_dim(attention)
+        if self.fused_qkv or self.value is None:
+            return head_dim
+        keys = attention.get_submodule(self.key).out_features // head_dim
+        return attention.get_submodule(self.value).out_features // keys if keys else head_dim
 
     def mlp_width(self, layer: nn.Module) -> int:
         return int(layer.get_submodule(f"{self.mlp}.{self.down}").in_features)
@@ -82,13 +91,24 @@ def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
         attention.config.num_attention_heads = queries
 
 
+def _set_llama_counts(attention: nn.Module, queries: int, keys: int) -> None:
+    """Head counts, and a value head dimension of its own when value dimensions were removed."""
+    from modelio.attention import use_value_head_dim
+
+    _set_kv_groups(attention, queries, keys)
+    value_width = attention.v_proj.out_features // keys if keys else attention.head_dim
+    if value_width != getattr(attention, "value_head_dim", attention.head_dim):
+        use_value_head_dim(attention, value_width)
+
+
 RULES: list[ArchitectureRule] = [
     # LLaMA covers Vicuna, Llama-2 and Llama-3 (same model_type); Mistral and Qwen2 share its layout
     # (Qwen2 adds q/k/v biases, which the trace couples by itself).
-    ArchitectureRule(model_types=("llama", "mistral", "qwen2"), refresh_attention=_set_kv_groups),
-    ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_kv_groups),
+    ArchitectureRule(model_types=("llama", "mistral", "qwen2"), refresh_attention=_set_llama_counts),
+    ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_llama_counts),
     # Phi-3: fused qkv_proj and gate_up_proj; the trace splits them by their slices and chunks.
-    ArchitectureRule(model_types=("phi3",), key=None, fused_qkv="qkv_proj", refresh_attention=_set_phi3_counts),
+    ArchitectureRule(model_types=("phi3",), key=None, value=None, fused_qkv="qkv_proj",
+                     refresh_attention=_set_phi3_counts),
 ]
 
 

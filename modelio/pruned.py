@@ -60,7 +60,9 @@ from transformers import {base_model}
 try:
     from .configuration_pruned import {config_class}
     from .lowrank import LowRankLinear
+    from .attention import use_value_head_dim
 except ImportError:  # executed in-process by structprune
+    from modelio.attention import use_value_head_dim
     from modelio.lowrank import LowRankLinear
 
 
@@ -82,7 +84,9 @@ def resize_pruned_modules(model, config):
     for name, attributes in config.pruned_module_attributes.items():
         module = model.get_submodule(name)
         for attribute, value in attributes.items():
-            if attribute.startswith("config."):
+            if attribute == "value_head_dim":
+                use_value_head_dim(module, value)
+            elif attribute.startswith("config."):
                 if module.config is config:  # this module reads its own sizes from a config of its own
                     module.config = copy.copy(config)
                 setattr(module.config, attribute[len("config."):], value)

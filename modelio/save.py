@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+import modelio.attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
 from modelio.pruned import pruned_classes, render_sources
@@ -71,6 +72,8 @@ def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict]
 def _attention_attributes(module: nn.Module, config) -> dict:
     """The per-module sizes an attention's forward reads (its own config copy included, as Phi-3's needs)."""
     recorded = {"num_key_value_groups": int(module.num_key_value_groups)}
+    if getattr(module, "value_head_dim", None) not in (None, getattr(module, "head_dim", None)):
+        recorded["value_head_dim"] = int(module.value_head_dim)
     for attribute in ("num_key_value_heads", "num_heads"):
         if isinstance(getattr(module, attribute, None), int):
             recorded[attribute] = int(getattr(module, attribute))
@@ -121,6 +124,7 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
             (staging / "configuration_pruned.py").write_text(configuration)
             (staging / "modeling_pruned.py").write_text(modeling)
             (staging / "lowrank.py").write_text(Path(lowrank_module.__file__).read_text())
+            (staging / "attention.py").write_text(Path(attention_module.__file__).read_text())
         else:
             saved_config = config
             if hasattr(saved_config, "layer_shapes"):

@@ -152,3 +152,19 @@ def test_rotary_pairs_are_coupled():
     head_dim = COMMON["head_dim"]
     # element 1 is dimension 1 and dimension 1 + head_dim/2 of every query head
     assert rows == tuple(sorted(h * head_dim + d for h in range(COMMON["num_attention_heads"]) for d in (1, 1 + head_dim // 2)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_value_head_dim_pruned_equals_masked(arch, input_ids):
+    model = tiny_model(arch)
+    graph = DependencyGraph.build(model)
+    values = graph.in_layer(1, "head_dim")
+    assert "model.layers.1.self_attn.v_proj.weight" in values.parameters
+    plan = Plan(remove={values.name: [0, 3, 7]})
+    pruned, got, expected = pruned_and_masked(model, plan, input_ids)
+    assert_close(got, expected)
+    attention = pruned.model.layers[1].self_attn
+    assert attention.value_head_dim == COMMON["head_dim"] - 3 and attention.v_proj.out_features == 2 * 5
+    # a second trace of the pruned model still finds every group
+    again = DependencyGraph.build(pruned)
+    assert again.in_layer(1, "head_dim").size == 5 and again.in_layer(1, "heads").size == COMMON["num_attention_heads"]

@@ -29,12 +29,13 @@ def _plan(graph: DependencyGraph, kind: str) -> Plan:
         "hidden": Plan(remove={hidden: [0, 5, 9, 17, 20, 33]}),  # 42 = 6 heads x 7: a valid plain config
         "hidden_odd": Plan(remove={hidden: [1, 2, 3]}),  # 45: plain LlamaConfig refuses it
         "layers": Plan(layers=[0, 2]),
+        "values": Plan(remove={graph.in_layer(1, "head_dim").name: [1, 2, 6]}),
         "everything": Plan(remove={hidden: [3], graph.in_layer(0, "heads").name: [0, 3],
                                    graph.in_layer(2, "channels").name: [7, 8]}, layers=[1]),
     }[kind]
 
 
-KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "everything", "bias",
+KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "values", "everything", "bias",
          "phi3_heads", "qwen2_everything"]
 
 
@@ -91,7 +92,7 @@ def test_plain_transformers_with_remote_code(saved):
         from transformers import AutoModelForCausalLM
         ids = torch.load({str(root / 'ids.pt')!r})
         classes = {{}}
-        for kind in ["heads", "everything", "bias", "mlp_uniform", "layers", "hidden_odd"]:
+        for kind in ["heads", "everything", "bias", "mlp_uniform", "layers", "hidden_odd", "values"]:
             model = AutoModelForCausalLM.from_pretrained({str(root)!r} + "/" + kind, trust_remote_code=True)
             classes[kind] = type(model).__name__
             with torch.no_grad():
