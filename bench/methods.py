@@ -49,6 +49,7 @@ RUNS: dict[str, dict] = {
     "lorap-AWSVD": {"prune_method": "lorap", "deco_method": "AWSVD"},
     "lorap-AFM": {"prune_method": "lorap", "deco_method": "AFM"},
     "lorap-SVD": {"prune_method": "lorap", "deco_method": "SVD"},
+    "flatllm": {"prune_method": "flatllm"},
 }
 RATIOS = (0.2, 0.5)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruners.streaming import stream_layers
+from pruners.streaming import run_layer, stream_layers
 
 
 @dataclass
@@ -35,6 +35,23 @@ class InputStatistics:
         return self.total_sq / max(self.count, 1)
 
 
+def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moments: bool):
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        entry = stats.get(name)
+        if entry is None:
+            entry = stats[name] = InputStatistics(0, torch.zeros(x.shape[1], dtype=torch.float64),
+                                                  torch.zeros(x.shape[1], dtype=torch.float64))
+        entry.count += x.shape[0]
+        entry.total += x.sum(0).cpu()
+        entry.total_sq += (x * x).sum(0).cpu()
+        if second_moments:
+            gram = (x.T @ x).cpu()
+            entry.second_moment = gram if entry.second_moment is None else entry.second_moment + gram
+
+    return hook
+
+
 @torch.no_grad()
 def collect_input_statistics(
     model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True,
@@ -46,26 +63,8 @@ def collect_input_statistics(
     otherwise each batch runs through the whole model.
     """
     stats: dict[str, InputStatistics] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            entry = stats.get(name)
-            if entry is None:
-                entry = stats[name] = InputStatistics(0, torch.zeros(x.shape[1], dtype=torch.float64),
-                                                      torch.zeros(x.shape[1], dtype=torch.float64))
-            entry.count += x.shape[0]
-            entry.total += x.sum(0).cpu()
-            entry.total_sq += (x * x).sum(0).cpu()
-            if second_moments:
-                gram = (x.T @ x).cpu()
-                entry.second_moment = gram if entry.second_moment is None else entry.second_moment + gram
-
-        return hook
-
-    for name in module_names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    handles = [model.get_submodule(name).register_forward_pre_hook(_statistics_hook(stats, name, second_moments))
+               for name in module_names]
     device = next(model.parameters()).device
     try:
         if layers is not None:
@@ -76,6 +75,20 @@ def collect_input_statistics(
             for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
                               leave=False):
                 model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def collect_input_statistics_on(layer: nn.Module, inputs: list[tuple[tuple, dict]], modules: dict[str, nn.Module]
+                                ) -> dict[str, InputStatistics]:
+    """Statistics (second moments included) of the inputs of ``modules`` while ``layer`` runs on ``inputs``."""
+    stats: dict[str, InputStatistics] = {}
+    handles = [module.register_forward_pre_hook(_statistics_hook(stats, name, True)) for name, module in modules.items()]
+    try:
+        run_layer(layer, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -87,6 +87,8 @@ METHODS: dict[str, Method] = {
                        "UL-UM", False, lambda s: s.nsamples),
     "mag_sp": Method("magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
                      "UL-UM", False, lambda s: 0),
+    "flatllm": Method("FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
+                      None, "UL-UM", False, lambda s: s.nsamples, sublayer="self_attn,mlp", action="flatllm"),
     "lorap": Method("LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
                     None, "UL-UM", False, lambda s: s.nsamples, sublayer="self_attn,mlp", action="lorap"),
 }
@@ -182,6 +184,9 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
         graph.apply(plan)
         return _report(model, settings, before, budget, plan, start, stages)
     samples = method.samples(settings)
+    if method.action in ("lorap", "flatllm") and batches is None and samples:
+        batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
+                                      settings.seed, data_dir=settings.data_dir)
     if method.action == "lorap":
         from pruners.lorap import lorap_compress
 
@@ -191,6 +196,14 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
         layers = _lorap_layers(graph, settings)
         lorap_compress(graph, settings, batches[:samples], budget, layers, log)
         refresh_config(model, graph.rule)
+        return _report(model, settings, before, budget, Plan(), start, stages)
+    if method.action == "flatllm":
+        from pruners.flatllm import flatllm_compress
+
+        if batches is None:
+            batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
+                                          settings.seed, data_dir=settings.data_dir)
+        flatllm_compress(graph, settings, batches[:samples], budget, _lorap_layers(graph, settings), log)
         return _report(model, settings, before, budget, Plan(), start, stages)
     spaces = select_spaces(graph, settings)
     estimator = method.make_estimator(settings)

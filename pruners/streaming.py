@@ -55,11 +55,16 @@ def stream_layers(model: nn.Module, layers: nn.ModuleList, batches: torch.Tensor
     """
     inputs = capture_layer_inputs(model, layers, batches, batch_size)
     for index in progress(range(len(layers))):
-        layer = layers[index]
-        outputs = []
-        for args, kwargs in inputs:
-            result = layer(*args, **kwargs)
-            hidden = result[0] if isinstance(result, (tuple, list)) else result
-            outputs.append(_with_hidden(args, kwargs, hidden))
-        inputs = outputs
+        inputs = run_layer(layers[index], inputs)
         yield index
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run one decoder layer on captured inputs; return the next layer's inputs."""
+    outputs = []
+    for args, kwargs in inputs:
+        result = layer(*args, **kwargs)
+        hidden = result[0] if isinstance(result, (tuple, list)) else result
+        outputs.append(_with_hidden(args, kwargs, hidden))
+    return outputs

@@ -95,3 +95,45 @@ def test_lorap_meets_the_budget_and_saves(extra, tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
     config = json.loads((folder / "config.json").read_text())
     assert config["pruned_lowrank"]
+
+
+def test_iprs_keeps_the_total_and_caps_at_one():
+    import numpy as np
+
+    from pruners.flatllm import importance_preserving_ratios
+
+    importance = np.array([0.9, 0.1, 0.3, 0.05])
+    sizes = np.array([10.0, 10.0, 20.0, 10.0])
+    ratios = importance_preserving_ratios(importance, sizes, keep_total=30.0)
+    assert abs((ratios * sizes).sum() - 30.0) < 1e-9
+    assert ratios.max() <= 1.0 and ratios[0] == 1.0
+    free = ratios < 1.0
+    assert np.allclose(ratios[free] / importance[free], (ratios[free] / importance[free])[0])
+
+
+def test_value_rotation_is_exact():
+    from pruners.flatllm import _value_rotation
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    before = model(input_ids=ids).logits
+    attention = model.model.layers[1].self_attn
+    moment = torch.randn(COMMON["hidden_size"], COMMON["hidden_size"], dtype=torch.float64)
+    with torch.no_grad():
+        _value_rotation(attention, moment @ moment.T, 1, COMMON["head_dim"], COMMON["num_key_value_heads"],
+                        COMMON["num_attention_heads"])
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-4)
+
+
+def test_flatllm_meets_the_budget_and_saves(tmp_path):
+    model = tiny_model("qwen2")
+    batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
+    report = prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
+                         log=lambda _: None, batches=batches)
+    assert abs(report.achieved_ratio - 0.2) < 0.03
+    widths = [getattr(layer.self_attn, "value_head_dim", COMMON["head_dim"]) for layer in model.model.layers]
+    assert min(widths) < COMMON["head_dim"]
+    expected = model(input_ids=batches).logits
+    assert torch.isfinite(expected).all()
+    folder = save_model(model, None, tmp_path / "flat")
+    assert torch.equal(load_model(folder)(input_ids=batches).logits, expected)

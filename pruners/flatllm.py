@@ -1,0 +1,136 @@
+"""FLAT-LLM: head-wise PCA of the values, importance-preserving rank selection (IPRS), MLP channel selection
+with a least-squares correction of down_proj.
+
+Layers are compressed one after another on streamed calibration activations, so every layer is fitted to the
+inputs the already compressed layers before it produce.
+
+- Layer importance: block influence (1 - cos(input, output)); IPRS gives each layer a kept ratio proportional
+  to its importance, clipped at 1 with the excess spread over the others, so the total meets the budget.
+- Attention: for every key-value head, the covariance of its value outputs, C = W_v E[x x^T] W_v^T, is
+  diagonalized; v_proj rows and the o_proj columns of the query heads that read them are rotated into that
+  basis (exact), and the weakest directions are removed through the graph's value-dimension space.
+- MLP: channels ranked by E[h_j^2] ||W_down[:, j]||^2; down_proj is refitted on the kept channels by least
+  squares, W' = W C[:, S] C[S, S]^-1 with C = E[h h^T] of its inputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from depgraph import DependencyGraph, Plan
+from pruners.calibration import collect_input_statistics_on
+from pruners.layers import block_influence
+from pruners.streaming import capture_layer_inputs, run_layer
+
+
+def importance_preserving_ratios(importance: np.ndarray, sizes: np.ndarray, keep_total: float) -> np.ndarray:
+    """Kept ratio per layer proportional to importance, capped at 1, with the excess redistributed."""
+    if keep_total >= sizes.sum():
+        return np.ones_like(importance, dtype=float)
+    weights = np.maximum(importance, 1e-12)
+    ratios = np.zeros_like(weights, dtype=float)
+    free = np.ones_like(weights, dtype=bool)
+    remaining = keep_total
+    while True:
+        scale = remaining / float((weights[free] * sizes[free]).sum())
+        ratios[free] = weights[free] * scale
+        over = free & (ratios > 1.0)
+        if not over.any():
+            return ratios
+        ratios[over] = 1.0
+        remaining -= float(sizes[over].sum())
+        free &= ~over
+
+
+def _value_rotation(attention: nn.Module, second_moment: torch.Tensor, count: int, head_dim: int, kv_heads: int,
+                    query_heads: int) -> None:
+    """Rotate v_proj rows and o_proj columns of every kv head into its value PCA basis (largest first)."""
+    covariance_x = second_moment.double() / max(count, 1)
+    v_weight = attention.v_proj.weight.data
+    o_weight = attention.o_proj.weight.data
+    group = query_heads // kv_heads
+    for g in range(kv_heads):
+        rows = slice(g * head_dim, (g + 1) * head_dim)
+        w = v_weight[rows].double()
+        covariance = w @ covariance_x.to(w.device) @ w.T
+        _, vectors = torch.linalg.eigh(covariance)
+        basis = vectors.flip(-1)  # columns: directions, largest variance first
+        v_weight[rows] = (basis.T @ w).to(v_weight.dtype)
+        if attention.v_proj.bias is not None:
+            bias = attention.v_proj.bias.data
+            bias[rows] = (basis.T @ bias[rows].double()).to(bias.dtype)
+        for h in range(g * group, (g + 1) * group):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            o_weight[:, cols] = (o_weight[:, cols].double() @ basis).to(o_weight.dtype)
+
+
+def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int, layers: list[int],
+                     log: Callable[[str], None]) -> dict:
+    model, rule = graph.model, graph.rule
+    decoder = rule.decoder_layers(model)
+    hidden = model.config.hidden_size
+    per_dim, per_channel, sizes = [], [], []
+    for index in layers:
+        attention = decoder[index].get_submodule(rule.attention)
+        queries, keys = rule.head_counts(attention)
+        per_dim.append((queries + keys) * hidden)  # one value dimension: a row of v per kv head, a column of o per head
+        per_channel.append(3 * hidden)
+        sizes.append(per_dim[-1] * rule.head_dim(attention) + per_channel[-1] * rule.mlp_width(decoder[index]))
+    sizes = np.array(sizes, dtype=float)
+    if budget > sizes.sum():
+        raise ValueError(f"the budget ({budget:,}) exceeds what FLAT-LLM can compress ({int(sizes.sum()):,}): "
+                         "lower --pruning_ratio")
+    influence = block_influence(model, decoder, batches)[layers]
+    ratios = importance_preserving_ratios(influence, sizes, sizes.sum() - budget)
+    log(f"FLAT-LLM kept ratio per layer: {np.round(ratios, 3).tolist()}")
+    inputs = capture_layer_inputs(model, decoder, batches, batch_size=8)
+    chosen = dict(zip(layers, ratios))
+    for index in range(len(decoder)):
+        if index in chosen and chosen[index] < 1.0:
+            _compress_layer(graph, index, chosen[index], inputs, settings)
+        inputs = run_layer(decoder[index], inputs)
+    return {"ratios": dict(zip(layers, ratios.tolist())), "influence": influence.tolist()}
+
+
+def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, settings) -> None:
+    model, rule = graph.model, graph.rule
+    layer = rule.decoder_layers(model)[index]
+    attention = layer.get_submodule(rule.attention)
+    prefix = f"{rule.layers}.{index}"
+    v_name, down_name = f"{prefix}.{rule.attention}.v_proj", f"{prefix}.{rule.mlp}.{rule.down}"
+    stats = collect_input_statistics_on(layer, inputs, {v_name: attention.v_proj,
+                                                        down_name: layer.get_submodule(f"{rule.mlp}.{rule.down}")})
+    head_dim = rule.value_head_dim(attention)
+    queries, keys = rule.head_counts(attention)
+    keep_dims = max(1, int(round(ratio * head_dim)))
+    width = rule.mlp_width(layer)
+    keep_channels = max(1, int(round(ratio * width)))
+    # Attention: rotate into the value PCA basis, then drop the weakest directions.
+    with torch.no_grad():
+        _value_rotation(attention, stats[v_name].second_moment, stats[v_name].count, head_dim, keys, queries)
+    remove: dict[str, list[int]] = {}
+    if keep_dims < head_dim:
+        remove[graph.in_layer(index, "head_dim").name] = list(range(keep_dims, head_dim))
+    # MLP: keep the channels with the most output energy and refit down_proj on them.
+    down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
+    moment = stats[down_name].second_moment.double() / max(stats[down_name].count, 1)
+    energy = moment.diagonal() * down.weight.detach().double().pow(2).sum(0).cpu()
+    kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:keep_channels])
+    refit = None
+    if keep_channels < width:
+        remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
+        kept_t = torch.as_tensor(kept)
+        block = moment[kept_t][:, kept_t]
+        damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
+        # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
+        solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
+        refit = down.weight.detach().double().cpu() @ solution.T
+    if remove:
+        graph.apply(Plan(remove=remove))
+    if refit is not None:
+        down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
+        with torch.no_grad():
+            down.weight.copy_(refit.to(down.weight.dtype))
