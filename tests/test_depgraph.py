@@ -168,3 +168,35 @@ def test_value_head_dim_pruned_equals_masked(arch, input_ids):
     # a second trace of the pruned model still finds every group
     again = DependencyGraph.build(pruned)
     assert again.in_layer(1, "head_dim").size == 5 and again.in_layer(1, "heads").size == COMMON["num_attention_heads"]
+
+
+def test_groups_agree_with_torch_pruning_on_mha():
+    """Torch-Pruning's groups of the same tiny MHA LLaMA (bench/torch_pruning_groups.py, transformers 4.53)."""
+    import json
+    from pathlib import Path
+
+    from torch import nn
+
+    reference = json.loads((Path(__file__).parent / "data" / "torch_pruning_groups_llama_mha.json").read_text())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**reference["config"])).eval()
+    graph = DependencyGraph.build(model)
+    modules = dict(model.named_modules())
+
+    def side(name: str, dim: int) -> str | None:
+        module = modules[name.rsplit(".", 1)[0]]
+        if isinstance(module, nn.Embedding):
+            return "out" if dim == 1 else None
+        if isinstance(module, nn.Linear) and name.endswith(".weight"):
+            return "out" if dim == 0 else "in"
+        return None
+
+    ours = set()
+    for space in graph.spaces:
+        if space.kind in ("head_dim", "head_dim_pairs"):
+            continue  # finer structure inside a head, which Torch-Pruning does not separate
+        members = {f"{n.rsplit('.', 1)[0]}:{side(n, d)}" for n, d in space.members if side(n, d)}
+        ours.add(tuple(sorted(members)))
+    theirs = {tuple(group) for group in reference["groups"] if group != ["lm_head:out"]}  # the vocabulary
+    assert ours == theirs
