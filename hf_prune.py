@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grouping_strategy", default=defaults.grouping_strategy, help="sum|mean|max|prod")
     parser.add_argument("--metrics", default=defaults.metrics, help="flap: IFV|WIFV|WIFN")
     parser.add_argument("--structure", default=None, help="UL-UM|UL-MM|AL-MM|AL-AM (method default if unset)")
+    parser.add_argument("--remove_heads", type=int, default=-1,
+                        help="remove this many query heads from every selected attention, the rest of the budget "
+                             "from the MLPs (-1: allocate heads by score)")
     parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
                         help="fold removed channels' mean input into a bias (default: the method's)")
     parser.add_argument("--sublayer", default=None,

@@ -48,6 +48,7 @@ class PruneSettings:
     para_allocate: float = 3.0  # rank of v/o over rank of q/k
     mlp_compress_method: str = "prune"  # prune | decom
     real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
+    remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,10 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     scores = estimator.scores(graph, spaces, batches) if budget else {s.name: np.zeros(s.size) for s in spaces}
     stages["estimate"] = time.perf_counter() - tick
     structure = settings.structure or method.structure
-    plan = allocate(graph, spaces, scores, budget, structure, settings.round_to) if budget else Plan()
+    if settings.remove_heads >= 0 and budget:
+        plan = _fixed_heads_plan(graph, spaces, scores, budget, settings)
+    else:
+        plan = allocate(graph, spaces, scores, budget, structure, settings.round_to) if budget else Plan()
     tick = time.perf_counter()
     use_bias = method.bias_compensation if settings.bias_compensation is None else settings.bias_compensation
     if use_bias and not plan.is_empty():
@@ -226,6 +230,34 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     graph.apply(plan)
     stages["apply"] = time.perf_counter() - tick
     return _report(model, settings, before, budget, plan, start, stages)
+
+
+def _fixed_heads_plan(graph: DependencyGraph, spaces: list[Space], scores: dict[str, np.ndarray], budget: int,
+                      settings: PruneSettings) -> Plan:
+    """FLAP's --remove_heads: the same number of (weakest) heads out of every attention, the rest from MLPs."""
+    from pruners.allocation import units_of
+
+    remove: dict[str, list[int]] = {}
+    spent = 0
+    for space in (s for s in spaces if s.kind in ("heads", "kv_heads")):
+        units = units_of(space, scores[space.name], graph.layer_of(space))
+        per_unit = len(units[0].elements) if units else 1
+        if settings.remove_heads % per_unit:
+            raise ValueError(f"--remove_heads {settings.remove_heads} cannot be split evenly over the "
+                             f"{per_unit} key-value groups of {space.module}: use a multiple of {per_unit}")
+        chosen = units[: settings.remove_heads // per_unit]
+        if len(chosen) < settings.remove_heads // per_unit:
+            raise ValueError(f"--remove_heads {settings.remove_heads} would leave {space.module} without heads")
+        remove[space.name] = sorted(e for unit in chosen for e in unit.elements)
+        spent += sum(unit.params for unit in chosen)
+    channels = [s for s in spaces if s.kind == "channels"]
+    if spent > budget:
+        raise ValueError(f"--remove_heads {settings.remove_heads} alone removes {spent:,} parameters, more than the "
+                         f"budget ({budget:,}): lower it or raise --pruning_ratio")
+    if channels and budget - spent > 0:
+        rest = allocate(graph, channels, scores, budget - spent, "UL-UM", settings.round_to)
+        remove.update(rest.remove)
+    return Plan(remove=remove)
 
 
 def _lorap_layers(graph: DependencyGraph, settings: PruneSettings) -> list[int]:

@@ -227,3 +227,15 @@ def test_taylor_modes_match_llm_pruner_formulas(mode, batches):
     else:
         direct = salience[0].abs().sum(1) + salience[1].abs().sum(1) + salience[2].abs().sum(0)
     assert np.allclose(scores, direct.double().numpy(), rtol=1e-3, atol=1e-9)
+
+
+def test_remove_heads_takes_the_same_heads_from_every_layer(batches):
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
+                             remove_heads=2)
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert [s["num_attention_heads"] for s in report.layer_shapes] == [COMMON["num_attention_heads"] - 2] * 3
+    assert abs(report.achieved_ratio - 0.25) < 0.02
+    with pytest.raises(ValueError, match="multiple of 2"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6,
+                    sublayer="self_attn,mlp", remove_heads=3), log=lambda _: None, batches=batches)
