@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -85,6 +87,25 @@ def _attention_attributes(module: nn.Module, config) -> dict:
     return recorded
 
 
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
+
+    On any error the temporary folder is removed and ``target`` is left as it was: a folder is either
+    complete or absent.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _same_place(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -105,9 +126,7 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
         raise UnsafeSaveError(f"refusing to write over the input model at {target}: choose another --save_model")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         shapes, attributes, lowrank = heterogeneous_description(model)
         config = model.config
         if shapes or lowrank or not _plain_config_is_valid(config):
@@ -139,10 +158,4 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
             tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         json.loads(config_path.read_text())  # a config that does not parse must never be published
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target

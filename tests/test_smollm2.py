@@ -41,3 +41,20 @@ def test_graph_of_smollm2(smollm2):
 def test_unknown_model_name_is_a_one_line_error():
     with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'"):
         load_model("no-such-model")
+
+
+def test_embedded_conversion_is_atomic_and_reused(tmp_path, monkeypatch, smollm2):
+    import time
+
+    from modelio.load import embedded_model_folder
+
+    monkeypatch.setenv("STRUCTPRUNE_CACHE", str(tmp_path))
+    folder = embedded_model_folder("smollm2-135m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m"]  # no partial folder left behind
+    start = time.perf_counter()
+    assert embedded_model_folder("smollm2-135m") == folder
+    assert time.perf_counter() - start < 1.0  # the cache is reused, not converted again
+    model, _ = smollm2
+    reloaded = load_model(folder)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
