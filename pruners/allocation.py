@@ -8,7 +8,10 @@ budget is spent. The structure decides the buckets (FLAP's names):
 - ``UL-UM``: every space is a bucket: uniform ratio per layer and per module (LLM-Pruner's block-wise mode);
 - ``UL-MM``: every layer is a bucket: heads and channels compete inside a layer;
 - ``AL-MM``: every kind is a bucket: layers compete, attention and MLP keep their own ratio;
-- ``AL-AM``: one bucket: everything competes, scores standardized per kind.
+- ``AL-AM``: one bucket: everything competes.
+
+Outside UL-UM, scores from different spaces are compared, so each space's scores are standardized first
+(mean 0, std 1 over its elements), as FLAP standardizes each layer's head and channel scores.
 """
 from __future__ import annotations
 
@@ -47,13 +50,12 @@ def units_of(space: Space, scores: np.ndarray, layer: int | None) -> list[Unit]:
     return [Unit(space.name, space.kind, layer, [int(e)], float(scores[e]), per_element) for e in order]
 
 
-def _standardize(units: list[Unit]) -> None:
-    for kind in {u.kind for u in units}:
-        values = np.array([u.score for u in units if u.kind == kind])
-        mean, std = values.mean(), values.std() or 1.0
-        for unit in units:
-            if unit.kind == kind:
-                unit.score = (unit.score - mean) / std
+def standardized(values: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over one space's elements, as FLAP standardizes each layer's scores before comparing
+    them across layers and modules."""
+    values = np.asarray(values, dtype=float)
+    std = values.std()
+    return (values - values.mean()) / (std if std > 0 else 1.0)
 
 
 def _bucket_key(unit: Unit, structure: str):
@@ -73,16 +75,16 @@ def allocate(
         raise ValueError(f"unknown --structure {structure}: choose from {', '.join(STRUCTURES)}")
     units: list[Unit] = []
     capacity: dict[object, int] = {}
+    compare_across_spaces = structure != "UL-UM"
     for space in spaces:
         layer = graph.layer_of(space)
-        space_units = units_of(space, scores[space.name], layer)
+        values = standardized(scores[space.name]) if compare_across_spaces else scores[space.name]
+        space_units = units_of(space, values, layer)
         units.extend(space_units)
         whole = space.parameter_count(0) * space.size
         for unit in space_units[:1]:
             key = _bucket_key(unit, structure)
             capacity[key] = capacity.get(key, 0) + whole
-    if structure in ("AL-AM", "AL-MM", "UL-MM"):
-        _standardize(units)
     total_capacity = sum(capacity.values())
     if budget > sum(u.params for u in units):
         raise ValueError(
