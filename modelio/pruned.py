@@ -86,6 +86,9 @@ def resize_pruned_modules(model, config):
         for attribute, value in attributes.items():
             if attribute == "value_head_dim":
                 use_value_head_dim(module, value)
+            elif attribute == "embed_scale_value":  # Gemma: the embedding scale of the unpruned width
+                module.scalar_embed_scale = value
+                module.embed_scale.fill_(value)
             elif attribute.startswith("config."):
                 if module.config is config:  # this module reads its own sizes from a config of its own
                     module.config = copy.copy(config)

@@ -63,12 +63,23 @@ def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict]
             actual = (module.out_features, module.in_features, module.bias is not None)
             if expected.get(name) != actual:
                 shapes[name] = list(actual)
-    attributes = {}
-    if shapes or lowrank:
+    attributes = _scaled_embedding_attributes(model, config)
+    if shapes or lowrank or attributes:
         for name, module in model.named_modules():
             if hasattr(module, "num_key_value_groups"):
                 attributes[name] = _attention_attributes(module, config)
     return shapes, attributes, lowrank
+
+
+def _scaled_embedding_attributes(model: nn.Module, config) -> dict:
+    """Gemma scales embeddings by sqrt(hidden_size) fixed at construction; after the hidden width shrinks, a
+    fresh model would compute a different scale, so the one in use is recorded."""
+    recorded = {}
+    for name, module in model.named_modules():
+        scale = getattr(module, "scalar_embed_scale", None)
+        if isinstance(scale, float) and abs(scale - config.hidden_size ** 0.5) > 1e-6 * scale:
+            recorded[name] = {"embed_scale_value": scale}
+    return recorded
 
 
 def _attention_attributes(module: nn.Module, config) -> dict:
@@ -129,7 +140,7 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     with staged_folder(target) as staging:
         shapes, attributes, lowrank = heterogeneous_description(model)
         config = model.config
-        if shapes or lowrank or not _plain_config_is_valid(config):
+        if shapes or lowrank or attributes or not _plain_config_is_valid(config):
             base_type = config.model_type.removeprefix("pruned_")
             config_class, _ = pruned_classes(base_type)
             fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}

@@ -36,7 +36,7 @@ def _plan(graph: DependencyGraph, kind: str) -> Plan:
 
 
 KINDS = ["heads", "kv_heads", "mlp", "mlp_uniform", "hidden", "hidden_odd", "layers", "values", "everything", "bias",
-         "phi3_heads", "qwen2_everything"]
+         "phi3_heads", "qwen2_everything", "gemma_hidden"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def saved(tmp_path_factory):
     torch.save(ids, root / "ids.pt")
     expected = {}
     for kind in KINDS:
-        arch, _, which = kind.rpartition("_") if kind.startswith(("phi3", "qwen2")) else ("llama", "", kind)
+        arch, which = kind.split("_", 1) if kind.startswith(("phi3_", "qwen2_", "gemma_")) else ("llama", kind)
         model = tiny_model(arch)
         graph = DependencyGraph.build(model)
         if which == "bias":
