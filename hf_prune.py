@@ -42,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--taylor", default=defaults.taylor, help="vectorize|param_first|param_second|param_mix")
     parser.add_argument("--grouping_strategy", default=defaults.grouping_strategy, help="sum|mean|max|prod")
     parser.add_argument("--metrics", default=defaults.metrics, help="flap: IFV|WIFV|WIFN")
-    parser.add_argument("--structure", default=None, help="UL-UM|UL-MM|AL-MM|AL-AM (method default if unset)")
+    parser.add_argument("--structure", default=None, help="UL-UM|UL-MM|AL-MM|AL-AM (None: the method's)")
     parser.add_argument("--remove_heads", type=int, default=-1,
                         help="remove this many query heads from every selected attention, the rest of the budget "
                              "from the MLPs (-1: allocate heads by score)")
     parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
-                        help="fold removed channels' mean input into a bias (default: the method's)")
+                        help="fold removed channels' mean input into a bias (None: the method's)")
     parser.add_argument("--sublayer", default=None,
-                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (default: the method's; "
-                             "mlp for pruning methods, both for lorap)")
+                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (None: the method's, "
+                             "mlp for the pruning methods, both for lorap and flatllm)")
     parser.add_argument("--deco_method", default=defaults.deco_method, help="lorap: AWSVD|AFM|SVD")
     parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
                         help="lorap: rank of v/o relative to q/k")
@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
                         help="lorap: True keeps the two factors (smaller model), False the dense product")
     modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--block_wise", dest="mode", action="store_const", const="block",
+    modes.add_argument("--block_wise", dest="mode", action="store_const", const="block", default=argparse.SUPPRESS,
                        help="prune attention heads and MLP channels (default)")
-    modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel",
+    modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel", default=argparse.SUPPRESS,
                        help="prune the hidden (residual) width")
-    modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer",
+    modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer", default=argparse.SUPPRESS,
                        help="remove whole decoder layers (lowest block influence first)")
     parser.set_defaults(mode="block")
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for block in ("attention", "mlp"):
         parser.add_argument(f"--block_{block}_layer_start", type=int, default=0)
         parser.add_argument(f"--block_{block}_layer_end", type=int, default=None,
-                            help="exclusive; default: the number of layers")
+                            help="exclusive (None: the number of layers)")
     parser.add_argument("--calibration", default=defaults.calibration, help="bookcorpus|wikitext2|c4|alpaca")
     parser.add_argument("--nsamples", type=int, default=defaults.nsamples, help="calibration windows (activations)")
     parser.add_argument("--num_examples", type=int, default=defaults.num_examples,
