@@ -64,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prune the hidden (residual) width")
     modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer", default=argparse.SUPPRESS,
                        help="remove whole decoder layers (lowest block influence first)")
-    parser.set_defaults(mode="block")
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
                         help="remove query heads evenly inside every kv group, or whole kv groups")
     for block in ("attention", "mlp"):
@@ -92,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> PruneSettings:
     fields = PruneSettings.__dataclass_fields__
+    # absent flags (the mode, when no --*_wise is given) keep PruneSettings' defaults
     return PruneSettings(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
 
 
