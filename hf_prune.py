@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
                         help="lorap: rank of v/o relative to q/k")
     parser.add_argument("--mlp_compress_method", default=defaults.mlp_compress_method, help="lorap: prune|decom")
+    parser.add_argument("--mlp_metric", default=defaults.mlp_metric,
+                        help="lorap: MLP channel importance when pruning (wanda_sp|IFV|WIFV|WIFN|mag_sp)")
     parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
                         help="lorap: True keeps the two factors (smaller model), False the dense product")
     modes = parser.add_mutually_exclusive_group()

@@ -49,7 +49,8 @@ def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budg
     if "mlp" in sublayers:
         if settings.mlp_compress_method == "prune":
             spaces = [graph.in_layer(index, "channels") for index in layers]
-            scores = ActivationEstimator("wanda_sp").scores(graph, spaces, None, statistics=stats)
+            # any activation estimator composes here (FLAP's fluctuation on the MLP, say): --mlp_metric
+            scores = ActivationEstimator(settings.mlp_metric).scores(graph, spaces, None, statistics=stats)
             mlp_budget = int(fraction * sum(s.parameter_count(0) * s.size for s in spaces))
             graph.apply(allocate(graph, spaces, scores, mlp_budget, "UL-UM", settings.round_to))
         else:

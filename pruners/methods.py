@@ -47,6 +47,7 @@ class PruneSettings:
     deco_method: str = "AWSVD"  # AWSVD | AFM | SVD
     para_allocate: float = 3.0  # rank of v/o over rank of q/k
     mlp_compress_method: str = "prune"  # prune | decom
+    mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp
     real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
     remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
 

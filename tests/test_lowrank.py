@@ -71,6 +71,7 @@ def test_shared_rank_gives_v_and_o_more():
     {"deco_method": "AWSVD"},
     {"deco_method": "AFM", "mlp_compress_method": "decom"},
     {"deco_method": "SVD", "sublayer": "self_attn"},
+    {"deco_method": "AWSVD", "mlp_metric": "WIFV"},  # FLAP's fluctuation on the MLP, AWSVD on attention
 ])
 def test_lorap_meets_the_budget_and_saves(extra, tmp_path):
     model = tiny_model("llama")

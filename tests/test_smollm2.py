@@ -58,3 +58,26 @@ def test_embedded_conversion_is_atomic_and_reused(tmp_path, monkeypatch, smollm2
     reloaded = load_model(folder)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_pruned_equals_masked_on_smollm2(smollm2):
+    import copy
+
+    from depgraph import Plan
+
+    model, _ = smollm2
+    graph = DependencyGraph.build(model)
+    plan = Plan(remove={
+        graph.in_layer(3, "heads").name: [1, 4, 8],  # one query head from each kv group
+        graph.in_layer(5, "kv_heads").name: [2],
+        graph.in_layer(7, "channels").name: list(range(0, 1536, 7)),
+        graph.of_kind("hidden")[0].name: [10, 20, 30],
+    }, layers=[20])
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    DependencyGraph.build(pruned).apply(plan)
+    DependencyGraph.build(masked).mask(plan)
+    ids = torch.tensor([[1, 504, 3717, 314, 253, 1345, 28, 2000, 17, 9]])
+    with torch.no_grad():
+        got, expected = pruned(input_ids=ids).logits, masked(input_ids=ids).logits
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, scale)
