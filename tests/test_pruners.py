@@ -39,11 +39,12 @@ def test_l2_scores_match_direct_computation():
     assert np.allclose(scores, direct, rtol=1e-6)
 
 
-def test_wifv_scores_match_direct_computation(batches):
+@pytest.mark.parametrize("metric", ["IFV", "WIFV", "WIFN", "wanda_sp"])
+def test_activation_scores_match_direct_computation(metric, batches):
     model = tiny_model("llama")
     graph = DependencyGraph.build(model)
     space = graph.in_layer(2, "channels")
-    scores = ActivationEstimator("WIFV").scores(graph, [space], batches)[space.name]
+    scores = ActivationEstimator(metric).scores(graph, [space], batches)[space.name]
     captured = []
     down = _mlp(model, 2).down_proj
     handle = down.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
@@ -51,7 +52,14 @@ def test_wifv_scores_match_direct_computation(batches):
         model(input_ids=batches)
     handle.remove()
     inputs = torch.cat(captured).double()
-    direct = inputs.var(0, unbiased=True) * down.weight.detach().double().pow(2).sum(0)
+    weight = down.weight.detach().double()
+    norm = inputs.pow(2).mean(0).sqrt()  # ||x_j|| over tokens, per token count (Wanda's scaler_row)
+    direct = {
+        "IFV": inputs.var(0, unbiased=True),
+        "WIFV": inputs.var(0, unbiased=True) * weight.pow(2).sum(0),
+        "WIFN": (weight.abs() * norm).mean(0),
+        "wanda_sp": (weight.abs() * norm).sum(0),
+    }[metric]
     assert np.allclose(scores, direct.numpy(), rtol=1e-6)
 
 
