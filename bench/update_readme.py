@@ -1,0 +1,27 @@
+"""Copy the results tables of bench/results/ into the README, between their markers.
+
+    python bench/update_readme.py
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"methods": "methods.md", "speed": "speed.md"}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, source in SECTIONS.items():
+        table = (ROOT / "bench" / "results" / source).read_text().strip()
+        pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README has no <!-- {name} --> ... <!-- /{name} --> markers")
+        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
