@@ -16,10 +16,10 @@ def main() -> None:
     text = readme.read_text()
     for name, source in SECTIONS.items():
         table = (ROOT / "bench" / "results" / source).read_text().strip()
-        pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+        pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README has no <!-- {name} --> ... <!-- /{name} --> markers")
-        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+        text = pattern.sub(lambda m: f"<!-- {name} -->\n{table}\n<!-- /{name} -->", text)
     readme.write_text(text)
 
 
