@@ -103,7 +103,8 @@ def write_table() -> None:
     TABLE.write_text(
         "SmolLM2-135M-Instruct, fp32; ratio = fraction of all parameters; perplexity at seq 128 on the first "
         "32,768 tokens; calibration: 128 BookCorpus-style windows (10 for gradients); no fine-tuning. "
-        f"Dense: WT2 56.35, PTB 91.20. Produced by `python bench/methods.py` on {'; '.join(machines)}.\n\n"
+        f"Dense: WT2 56.35, PTB 91.20. Produced by `python bench/methods.py` on {'; '.join(machines)}; other "
+        "jobs shared the 2 cores during some runs, so read prune times as upper bounds.\n\n"
         + "\n".join(lines) + "\n"
     )
 
