@@ -105,12 +105,25 @@ def measure(model, tokenizer, args) -> dict[str, float]:
     return figures
 
 
-def layer_table(report, original: dict) -> str:
-    lines = ["layer | q heads | kv heads | MLP width", "---|---|---|---"]
+def _ranks(layer: torch.nn.Module) -> str:
+    """q/k/v/o ranks of a factorized attention ("-" where a projection stayed dense)."""
+    attention = getattr(layer, "self_attn", None)
+    if attention is None:
+        return ""
+    ranks = [getattr(getattr(attention, name, None), "rank", None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return "/".join("-" if r is None else str(r) for r in ranks)
+
+
+def layer_table(report, original: dict, model=None) -> str:
+    layers = list(model.model.layers) if model is not None and hasattr(model, "model") else []
+    lowrank = any(_ranks(layer).strip("-/") for layer in layers)
+    header = "layer | q heads | kv heads | MLP width" + (" | q/k/v/o rank" if lowrank else "")
+    lines = [header, "---|---|---|---" + ("|---" if lowrank else "")]
     for index, shape in enumerate(report.layer_shapes):
-        lines.append(f"{index} | {shape['num_attention_heads']}/{original['num_attention_heads']} | "
-                     f"{shape['num_key_value_heads']}/{original['num_key_value_heads']} | "
-                     f"{shape['intermediate_size']}/{original['intermediate_size']}")
+        row = (f"{index} | {shape['num_attention_heads']}/{original['num_attention_heads']} | "
+               f"{shape['num_key_value_heads']}/{original['num_key_value_heads']} | "
+               f"{shape['intermediate_size']}/{original['intermediate_size']}")
+        lines.append(row + (f" | {_ranks(layers[index])}" if lowrank else ""))
     return "\n".join(lines)
 
 
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"before: {results['ppl_before']}")
         report = prune_model(model, tokenizer, settings)
         print(report.summary())
-        print(layer_table(report, original))
+        print(layer_table(report, original, model))
         results.update(params_after=report.params_after, asked_ratio=report.asked_ratio,
                        achieved_ratio=report.achieved_ratio, seconds=report.seconds, stages=report.stages,
                        layer_shapes=report.layer_shapes)

@@ -21,7 +21,7 @@ from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEs
 class PruneSettings:
     """Everything a pruning run depends on (``hf_prune.py`` flags map one to one)."""
 
-    prune_method: str = "flap"
+    prune_method: str = "lorap"  # the best WikiText-2 perplexity at 20% in bench/results/methods.md
     pruning_ratio: float = 0.2  # fraction of ALL parameters (embeddings included, tied weights once)
     pruner_type: str = "taylor"  # llm_pruner: random | l1 | l2 | taylor
     taylor: str = "param_first"  # vectorize | param_first | param_second | param_mix
