@@ -181,39 +181,25 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     budget = int(round(settings.pruning_ratio * before))
     graph = DependencyGraph.build(model)
     stages["trace"] = time.perf_counter() - start
+    samples = settings.nsamples if settings.mode == "layer" else method.samples(settings)
+    batches = _calibration(tokenizer, settings, samples, batches)
     if settings.mode == "layer":
-        plan = _layer_plan(model, tokenizer, graph, settings, budget, batches, log)
+        plan = _layer_plan(model, graph, settings, budget, batches, log)
         graph.apply(plan)
         return _report(model, settings, before, budget, plan, start, stages)
-    samples = method.samples(settings)
-    if method.action in ("lorap", "flatllm") and batches is None and samples:
-        batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
-                                      settings.seed, data_dir=settings.data_dir)
     if method.action == "lorap":
         from pruners.lorap import lorap_compress
 
-        if batches is None:
-            batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
-                                          settings.seed, data_dir=settings.data_dir)
-        layers = _lorap_layers(graph, settings)
-        lorap_compress(graph, settings, batches[:samples], budget, layers, log)
+        lorap_compress(graph, settings, batches, budget, _selected_layers(graph, settings), log)
         refresh_config(model, graph.rule)
         return _report(model, settings, before, budget, Plan(), start, stages)
     if method.action == "flatllm":
         from pruners.flatllm import flatllm_compress
 
-        if batches is None:
-            batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len,
-                                          settings.seed, data_dir=settings.data_dir)
-        flatllm_compress(graph, settings, batches[:samples], budget, _lorap_layers(graph, settings), log)
+        flatllm_compress(graph, settings, batches, budget, _selected_layers(graph, settings), log)
         return _report(model, settings, before, budget, Plan(), start, stages)
     spaces = select_spaces(graph, settings)
     estimator = method.make_estimator(settings)
-    if batches is not None:
-        batches = batches[:samples] if samples else None
-    elif samples:
-        batches = calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len, settings.seed,
-                                      data_dir=settings.data_dir)
     tick = time.perf_counter()
     log(f"scoring {len(spaces)} spaces with {estimator.name} on {samples} calibration windows")
     scores = estimator.scores(graph, spaces, batches) if budget else {s.name: np.zeros(s.size) for s in spaces}
@@ -261,7 +247,18 @@ def _fixed_heads_plan(graph: DependencyGraph, spaces: list[Space], scores: dict[
     return Plan(remove=remove)
 
 
-def _lorap_layers(graph: DependencyGraph, settings: PruneSettings) -> list[int]:
+def _calibration(tokenizer, settings: PruneSettings, samples: int, given: torch.Tensor | None) -> torch.Tensor | None:
+    """The first ``samples`` calibration windows: from ``given`` when passed, else from the calibration set."""
+    if not samples:
+        return None
+    if given is not None:
+        return given[:samples]
+    return calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len, settings.seed,
+                               data_dir=settings.data_dir)
+
+
+def _selected_layers(graph: DependencyGraph, settings: PruneSettings) -> list[int]:
+    """Layers from the lowest block start to the highest block end (LoRAP and FLAT-LLM compress whole layers)."""
     start = min(settings.block_attention_layer_start, settings.block_mlp_layer_start)
     ends = [e for e in (settings.block_attention_layer_end, settings.block_mlp_layer_end) if e is not None]
     return list(range(start, max(ends) if ends else graph.num_layers))
@@ -276,16 +273,13 @@ def _report(model, settings, before, budget, plan, start, stages) -> PruneReport
     return PruneReport(settings.prune_method, before, after, budget, plan, shapes, time.perf_counter() - start, stages)
 
 
-def _layer_plan(model, tokenizer, graph: DependencyGraph, settings: PruneSettings, budget: int,
-                batches: torch.Tensor | None, log) -> Plan:
+def _layer_plan(model, graph: DependencyGraph, settings: PruneSettings, budget: int, batches: torch.Tensor,
+                log) -> Plan:
     """Drop the decoder layers with the lowest block influence until the budget is spent."""
     from pruners.layers import block_influence
 
-    if batches is None:
-        batches = calibration_batches(tokenizer, settings.calibration, settings.nsamples, settings.seq_len,
-                                      settings.seed, data_dir=settings.data_dir)
     layers = graph.rule.decoder_layers(model)
-    scores = block_influence(model, layers, batches[: settings.nsamples])
+    scores = block_influence(model, layers, batches)
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     log(f"block influence per layer: {np.round(scores, 4).tolist()}")
     chosen, removed = [], 0
