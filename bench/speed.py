@@ -3,7 +3,8 @@
     python bench/speed.py              # writes bench/results/speed.json and bench/results/speed.md
 
 Pruned shapes come from a real pruning run of each family (magnitude-sp for the uniform widths, which needs no
-calibration; FLAP's adaptive AL-AM for heterogeneous layers); speed depends on the shapes only. Every model runs
+calibration; FLAP's adaptive AL-AM for heterogeneous layers; LoRAP's factorized attention; FLAT-LLM's smaller
+value heads); speed depends on the shapes only. Every model runs
 in its own process, with 2 threads, batch 1, a 128-token prompt and 64 greedy tokens (median of 5 runs).
 """
 from __future__ import annotations
@@ -27,9 +28,12 @@ CONFIGS: dict[str, dict | None] = {
     "attn+mlp 20% uniform": {"prune_method": "mag_sp", "pruning_ratio": 0.2, "sublayer": "self_attn,mlp"},
     "attn+mlp 20% adaptive (FLAP AL-AM)": {"prune_method": "flap", "pruning_ratio": 0.2, "sublayer": "self_attn,mlp",
                                            "structure": "AL-AM", "nsamples": 32},
+    "20% low-rank attention + MLP (LoRAP)": {"prune_method": "lorap", "pruning_ratio": 0.2, "nsamples": 32},
+    "20% value PCA + MLP (FLAT-LLM)": {"prune_method": "flatllm", "pruning_ratio": 0.2, "nsamples": 32},
     "mlp 50% uniform": {"prune_method": "mag_sp", "pruning_ratio": 0.5},
     "mlp 50% uniform, round_to 64": {"prune_method": "mag_sp", "pruning_ratio": 0.5, "round_to": 64},
     "attn+mlp 50% uniform": {"prune_method": "mag_sp", "pruning_ratio": 0.5, "sublayer": "self_attn,mlp"},
+    "50% low-rank attention + MLP (LoRAP)": {"prune_method": "lorap", "pruning_ratio": 0.5, "nsamples": 32},
 }
 
 
