@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
-from depgraph import InvalidPlan, MissingArchitectureRule
+from depgraph import InvalidPlan, MissingArchitectureRule, rule_for
 from evaluation import perplexity
 from modelio import DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
@@ -115,7 +115,7 @@ def _ranks(layer: torch.nn.Module) -> str:
 
 
 def layer_table(report, original: dict, model=None) -> str:
-    layers = list(model.model.layers) if model is not None and hasattr(model, "model") else []
+    layers = list(rule_for(model).decoder_layers(model)) if model is not None else []
     lowrank = any(_ranks(layer).strip("-/") for layer in layers)
     header = "layer | q heads | kv heads | MLP width" + (" | q/k/v/o rank" if lowrank else "")
     lines = [header, "---|---|---|---" + ("|---" if lowrank else "")]

@@ -55,7 +55,7 @@ def _check_attention(spaces: Mapping[str, Space], plan: Plan, rule: Architecture
             left = [sum(1 for h in range(heads.size) if heads.blocks[h] == g and h not in removed) for g in groups]
         else:
             left = [heads.size - len(removed)]
-        if not groups_nonempty(left):
+        if not left or min(left) <= 0:
             raise InvalidPlan(
                 f"the plan removes every attention head of {heads.module}: lower the ratio, or remove the layer "
                 f"itself (plan.layers)"
@@ -65,10 +65,6 @@ def _check_attention(spaces: Mapping[str, Space], plan: Plan, rule: Architecture
                 f"{heads.module} would keep {left} query heads in its key-value groups: remove query heads evenly "
                 f"inside every key-value group"
             )
-
-
-def groups_nonempty(left: list[int]) -> bool:
-    return bool(left) and all(n > 0 for n in left)
 
 
 def _compensate_norms(model: nn.Module, rule: ArchitectureRule, hidden: Space, removed: int) -> None:
@@ -131,7 +127,7 @@ def _remove_layers(model: nn.Module, rule: ArchitectureRule, doomed: Iterable[in
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList(kept))
     config = model.config
-    for new_index, (old_index, layer) in enumerate((i, l) for i, l in enumerate(layers) if i not in doomed):
+    for new_index, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pruners.streaming import _hidden, capture_layer_inputs
+from pruners.streaming import _hidden, _with_hidden, capture_layer_inputs
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, batches: torch.Tens
             cosine = F.cosine_similarity(before.float(), after.float(), dim=-1)
             total += (1 - cosine).sum().item()
             count += cosine.numel()
-            outputs.append(((after, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": after}))
+            outputs.append(_with_hidden(args, kwargs, after))
         scores[index] = total / max(count, 1)
         inputs = outputs
     return scores

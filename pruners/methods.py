@@ -12,6 +12,7 @@ from torch import nn
 from corpora import calibration_batches
 from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
+from evaluation.stats import count_parameters
 from pruners.allocation import allocate
 from pruners.compensation import compensate_bias
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
@@ -120,11 +121,6 @@ class PruneReport:
             f"{self.method}: parameters {self.params_before:,} -> {self.params_after:,}; removed "
             f"{self.achieved_ratio:.2%} of all parameters (asked {self.asked_ratio:.2%}) in {self.seconds:.1f}s"
         )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """All parameters, each counted once (tied embeddings once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 MODES = ("block", "channel", "layer")
