@@ -1,6 +1,7 @@
 """Every method at 20% and 50% of all parameters on the embedded model, one fresh process per run.
 
     python bench/methods.py                       # all runs missing from bench/results/methods.jsonl
+    python bench/methods.py --zeroshot_limit 200  # ... and runs recorded without zero-shot at that limit
     python bench/methods.py --only flap-wifv-ulum --ratios 0.2 --zeroshot_limit 200
     python bench/methods.py --table               # rewrite bench/results/methods.md from the JSONL
 
@@ -64,14 +65,16 @@ def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> di
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     settings = PruneSettings(pruning_ratio=ratio, **RUNS[name])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     report = prune_model(model, tokenizer, settings, log=lambda _: None)
     seconds = time.perf_counter() - start
+    # CPU seconds over wall seconds: near 2 on a quiet 2-core machine, lower when other work shared the cores
+    cpu_per_wall = (time.process_time() - cpu_start) / max(seconds, 1e-9)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = {
         "run": name, "ratio": ratio, "settings": RUNS[name], "params_after": report.params_after,
         "achieved_ratio": round(report.achieved_ratio, 4), "prune_seconds": round(seconds, 1),
-        "peak_rss_mib": round(peak_mib), "date": date.today().isoformat(),
+        "peak_rss_mib": round(peak_mib), "prune_cpu_per_wall": round(cpu_per_wall, 2), "date": date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, 2 threads",
     }
     for dataset in ("wikitext2", "ptb"):
@@ -130,7 +133,9 @@ def main() -> int:
             parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
         done = set()
         if RESULTS.exists() and not args.redo:
-            done = {(r["run"], r["ratio"]) for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
+            # a recorded run counts as done unless zero-shot is asked for and the record lacks it
+            done = {(r["run"], r["ratio"]) for r in map(json.loads, filter(None, RESULTS.read_text().splitlines()))
+                    if r.get("zeroshot_limit", 0) >= args.zeroshot_limit}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         for ratio in map(float, args.ratios.split(",")):
             for name in names:

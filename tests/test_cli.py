@@ -57,6 +57,7 @@ def test_prune_a_folder_end_to_end(tiny_folder, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--pruning_ratio", "1.2"], "fraction of all parameters"),
     (["--pruning_ratio", "-0.1"], "fraction of all parameters"),
+    (["--pruning_ratio", "0.6", "--sublayer", "self_attn", "--prune_method", "mag_sp"], "lower --pruning_ratio"),
     (["--base_model", "no-such-model"], "unknown model"),
     (["--data_dir", "/no/such/dir"], "--data_dir"),
 ])

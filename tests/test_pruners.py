@@ -118,6 +118,32 @@ def test_bad_ratio_is_refused(ratio):
         prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=ratio))
 
 
+
+def test_a_ratio_beyond_what_attention_can_give_is_refused(batches):
+    """Attention is about a third of the tiny model: 60% of all parameters from attention alone would take
+    every head of every layer, so it is refused with the fix, not silently clamped."""
+    with pytest.raises(ValueError, match="exceeds what the chosen structures can remove.*--pruning_ratio"):
+        prune_model(tiny_model("llama"), None,
+                    PruneSettings(prune_method="wanda_sp", pruning_ratio=0.6, sublayer="self_attn", nsamples=6),
+                    log=lambda _: None, batches=batches)
+
+
+@pytest.mark.parametrize("structure", ["UL-UM", "AL-AM"])
+def test_a_deep_prune_keeps_a_head_per_kv_group_and_a_channel_per_mlp(structure, batches):
+    model = tiny_model("llama")
+    config = copy.deepcopy(model.config)
+    settings = PruneSettings(prune_method="flap", pruning_ratio=0.45, sublayer="self_attn,mlp",
+                             structure=structure, nsamples=6)
+    prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    head_dim = config.head_dim
+    for layer in model.model.layers:
+        assert layer.self_attn.k_proj.out_features == config.num_key_value_heads * head_dim  # kv groups stay
+        assert layer.self_attn.q_proj.out_features >= config.num_key_value_heads * head_dim  # >= 1 head per group
+        assert layer.mlp.down_proj.in_features >= 1
+    query_widths = [layer.self_attn.q_proj.out_features for layer in model.model.layers]
+    assert min(query_widths) < config.num_attention_heads * head_dim, "the prune must reach into attention"
+    assert torch.isfinite(model(input_ids=batches).logits).all()
+
 def test_flap_bias_compensation_saves_and_loads_in_a_fresh_process(tmp_path, batches):
     model = tiny_model("llama")
     settings = PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
