@@ -1,0 +1,78 @@
+"""Plot the method table: WikiText-2 perplexity (log scale) against the zero-shot mean, one panel per ratio.
+
+    python bench/plot_methods.py            # reads bench/results/methods.jsonl, writes docs/methods_smollm2.png
+
+Rows without a zero-shot mean are left out; the dense model is the reference point in each panel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
+DENSE = ROOT / "bench" / "results" / "dense_smollm2.json"
+OUTPUT = ROOT / "docs" / "methods_smollm2.png"
+FAMILY_COLORS = {"llm_pruner": "tab:blue", "flap": "tab:orange", "wanda_sp": "tab:green", "mag_sp": "tab:gray",
+                 "lorap": "tab:red", "flatllm": "tab:purple"}
+
+
+def latest_rows(path: Path) -> list[dict]:
+    """The last record of every (run, ratio) that has a zero-shot mean."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {(row["run"], row["ratio"]): row for row in rows}
+    return [row for row in latest.values() if "zeroshot_mean" in row]
+
+
+def dense_reference(path: Path) -> tuple[float, float] | None:
+    """(WT2 perplexity, zero-shot mean in %) of the dense model, if bench/dense.sh has been run."""
+    if not path.exists():
+        return None
+    dense = json.loads(path.read_text())
+    try:
+        return float(dense["ppl"]["wikitext2"]), 100 * float(dense["zeroshot"]["mean"])
+    except (KeyError, TypeError):
+        return None
+
+
+def plot(rows: list[dict], dense: tuple[float, float] | None, output: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({row["ratio"] for row in rows})
+    if not ratios:
+        raise SystemExit("no rows with a zero-shot mean yet: run python bench/methods.py --zeroshot_limit 200")
+    fig, axes = plt.subplots(1, len(ratios), figsize=(6.5 * len(ratios), 5.5), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        for row in (r for r in rows if r["ratio"] == ratio):
+            family = row["run"].split("-")[0]
+            ax.scatter(row["ppl_wikitext2"], row["zeroshot_mean"], color=FAMILY_COLORS.get(family, "black"), s=30)
+            ax.annotate(row["run"], (row["ppl_wikitext2"], row["zeroshot_mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if dense:
+            ax.scatter(*dense, marker="*", s=150, color="black")
+            ax.annotate("dense", dense, fontsize=8, xytext=(4, -10), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("WikiText-2 perplexity (seq 128, log scale; lower is better)")
+        ax.set_ylabel("zero-shot mean of 7 tasks, % (higher is better)")
+        ax.set_title(f"SmolLM2-135M, {ratio:.0%} of all parameters removed, no fine-tuning")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+    print(plot(latest_rows(args.results), dense_reference(DENSE), args.output))
+
+
+if __name__ == "__main__":
+    main()
