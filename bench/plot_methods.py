@@ -16,6 +16,8 @@ DENSE = ROOT / "bench" / "results" / "dense_smollm2.json"
 OUTPUT = ROOT / "docs" / "methods_smollm2.png"
 FAMILY_COLORS = {"llm_pruner": "tab:blue", "flap": "tab:orange", "wanda_sp": "tab:green", "mag_sp": "tab:gray",
                  "lorap": "tab:red", "flatllm": "tab:purple"}
+# Expected mean of uniform guessing: 2 choices for BoolQ, PIQA, WinoGrande; 4 for the other four tasks.
+GUESSING = 100 * (3 * 1 / 2 + 4 * 1 / 4) / 7
 
 
 def latest_rows(path: Path) -> list[dict]:
@@ -55,6 +57,9 @@ def plot(rows: list[dict], dense: tuple[float, float] | None, output: Path) -> P
         if dense:
             ax.scatter(*dense, marker="*", s=150, color="black")
             ax.annotate("dense", dense, fontsize=8, xytext=(4, -10), textcoords="offset points")
+        ax.axhline(GUESSING, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(f"guessing ({GUESSING:.1f})", (ax.get_xlim()[0], GUESSING), fontsize=7, color="gray",
+                    xytext=(2, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("WikiText-2 perplexity (seq 128, log scale; lower is better)")
         ax.set_ylabel("zero-shot mean of 7 tasks, % (higher is better)")
