@@ -58,8 +58,8 @@ def plot(rows: list[dict], dense: tuple[float, float] | None, output: Path) -> P
             ax.scatter(*dense, marker="*", s=150, color="black")
             ax.annotate("dense", dense, fontsize=8, xytext=(4, -10), textcoords="offset points")
         ax.axhline(GUESSING, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(f"guessing ({GUESSING:.1f})", (ax.get_xlim()[0], GUESSING), fontsize=7, color="gray",
-                    xytext=(2, 2), textcoords="offset points")
+        ax.text(0.01, GUESSING + 0.1, f"uniform guessing ({GUESSING:.1f})", fontsize=7, color="gray",
+                transform=ax.get_yaxis_transform())
         ax.set_xscale("log")
         ax.set_xlabel("WikiText-2 perplexity (seq 128, log scale; lower is better)")
         ax.set_ylabel("zero-shot mean of 7 tasks, % (higher is better)")
