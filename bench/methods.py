@@ -2,7 +2,7 @@
 
     python bench/methods.py                       # all runs missing from bench/results/methods.jsonl
     python bench/methods.py --zeroshot_limit 200  # ... and runs recorded without zero-shot at that limit
-    python bench/methods.py --only flap-wifv-ulum --ratios 0.2 --zeroshot_limit 200
+    python bench/methods.py --only flap-WIFV-UL-UM --ratios 0.2 --zeroshot_limit 200
     python bench/methods.py --table               # rewrite bench/results/methods.md from the JSONL
 
 Each run records: parameters removed (asked / achieved), WikiText-2 and PTB perplexity (seq 128, first 32,768
@@ -109,8 +109,8 @@ def write_table() -> None:
         "32,768 tokens; calibration: 128 BookCorpus-style windows (10 for gradients); no fine-tuning. "
         f"Dense: WT2 56.35, PTB 91.20. Produced by `python bench/methods.py` on {'; '.join(machines)}. Prune time "
         "is wall time of `prune_model` (calibration, scoring, allocation and surgery); CPU/wall near 2.0 means the "
-        "run had both cores to itself, lower (or – where not recorded) means other jobs shared them and the time "
-        "is an upper bound.\n\n"
+        "run had both cores to itself; lower means other jobs shared them (the time is then an upper bound) or, "
+        "for runs of about a second (l2, random, mag_sp), that most of the work was single-threaded.\n\n"
         + "\n".join(lines) + "\n"
     )
 
