@@ -116,14 +116,15 @@ def _ranks(layer: torch.nn.Module) -> str:
 
 def layer_table(report, original: dict, model=None) -> str:
     layers = list(rule_for(model).decoder_layers(model)) if model is not None else []
-    lowrank = any(_ranks(layer).strip("-/") for layer in layers)
+    ranks = [_ranks(layer) for layer in layers]
+    lowrank = any(r.strip("-/") for r in ranks)
     header = "layer | q heads | kv heads | MLP width" + (" | q/k/v/o rank" if lowrank else "")
     lines = [header, "---|---|---|---" + ("|---" if lowrank else "")]
     for index, shape in enumerate(report.layer_shapes):
         row = (f"{index} | {shape['num_attention_heads']}/{original['num_attention_heads']} | "
                f"{shape['num_key_value_heads']}/{original['num_key_value_heads']} | "
                f"{shape['intermediate_size']}/{original['intermediate_size']}")
-        lines.append(row + (f" | {_ranks(layers[index])}" if lowrank else ""))
+        lines.append(row + (f" | {ranks[index]}" if lowrank else ""))
     return "\n".join(lines)
 
 

@@ -89,9 +89,16 @@ def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> di
     return row
 
 
+def latest_rows(path: Path = RESULTS) -> list[dict]:
+    """The last record of every (run, ratio) in the JSONL results (later runs of a setting replace earlier ones)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list({(row["run"], row["ratio"]): row for row in rows}.values())
+
+
 def write_table() -> None:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
-    rows = list({(row["run"], row["ratio"]): row for row in rows}.values())  # the latest row of each run wins
+    rows = latest_rows()
     lines = [
         "| run | ratio asked | removed | WT2 PPL | PTB PPL | zero-shot mean | prune time (s) | CPU/wall | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -134,11 +141,9 @@ def main() -> int:
         unknown = [n for n in names if n not in RUNS]
         if unknown:
             parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
-        done = set()
-        if RESULTS.exists() and not args.redo:
-            # a recorded run counts as done unless zero-shot is asked for and the record lacks it
-            done = {(r["run"], r["ratio"]) for r in map(json.loads, filter(None, RESULTS.read_text().splitlines()))
-                    if r.get("zeroshot_limit", 0) >= args.zeroshot_limit}
+        # a recorded run counts as done unless zero-shot is asked for and its latest record lacks it
+        done = set() if args.redo else {(r["run"], r["ratio"]) for r in latest_rows()
+                                         if r.get("zeroshot_limit", 0) >= args.zeroshot_limit}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         for ratio in map(float, args.ratios.split(",")):
             for name in names:

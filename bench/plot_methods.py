@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from methods import latest_rows  # bench/methods.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
 DENSE = ROOT / "bench" / "results" / "dense_smollm2.json"
@@ -18,13 +20,6 @@ FAMILY_COLORS = {"llm_pruner": "tab:blue", "flap": "tab:orange", "wanda_sp": "ta
                  "lorap": "tab:red", "flatllm": "tab:purple"}
 # Expected mean of uniform guessing: 2 choices for BoolQ, PIQA, WinoGrande; 4 for the other four tasks.
 GUESSING = 100 * (3 * 1 / 2 + 4 * 1 / 4) / 7
-
-
-def latest_rows(path: Path) -> list[dict]:
-    """The last record of every (run, ratio) that has a zero-shot mean."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    latest = {(row["run"], row["ratio"]): row for row in rows}
-    return [row for row in latest.values() if "zeroshot_mean" in row]
 
 
 def dense_reference(path: Path) -> tuple[float, float] | None:
@@ -76,7 +71,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    print(plot(latest_rows(args.results), dense_reference(DENSE), args.output))
+    rows = [row for row in latest_rows(args.results) if "zeroshot_mean" in row]
+    print(plot(rows, dense_reference(DENSE), args.output))
 
 
 if __name__ == "__main__":

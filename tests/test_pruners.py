@@ -118,7 +118,6 @@ def test_bad_ratio_is_refused(ratio):
         prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=ratio))
 
 
-
 def test_a_ratio_beyond_what_attention_can_give_is_refused(batches):
     """Attention is about a third of the tiny model: 60% of all parameters from attention alone would take
     every head of every layer, so it is refused with the fix, not silently clamped."""
@@ -143,6 +142,7 @@ def test_a_deep_prune_keeps_a_head_per_kv_group_and_a_channel_per_mlp(structure,
     query_widths = [layer.self_attn.q_proj.out_features for layer in model.model.layers]
     assert min(query_widths) < config.num_attention_heads * head_dim, "the prune must reach into attention"
     assert torch.isfinite(model(input_ids=batches).logits).all()
+
 
 def test_flap_bias_compensation_saves_and_loads_in_a_fresh_process(tmp_path, batches):
     model = tiny_model("llama")
