@@ -2,12 +2,14 @@
 
 LLaMA-family attention views values with ``head_dim``; after value dimensions are removed, ``value_forward``
 views them with ``module.value_head_dim`` instead. Everything else is the library's own attention: the same
-rotary embedding and cache, and the library's eager attention.
+rotary embedding, the same cache, and the attention function the config names (sdpa or eager), with the
+masks the model built for it. Nothing here changes the config, so ``set_attn_implementation`` keeps working.
 This file is copied verbatim into saved folders that need it; keep it free of project imports.
 """
 import types
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 
@@ -16,8 +18,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def value_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                  **kwargs):
+def _attention_function(implementation):
+    """Eager for "eager"; torch's SDPA otherwise (it accepts a value width of its own; flash kernels do not).
+
+    Each reads the mask the model built for its own implementation: a float mask for eager, and for sdpa a
+    boolean mask or None, where None means causal (``is_causal``)."""
+    return eager_attention_forward if implementation == "eager" else sdpa_attention_forward
+
+
+def value_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                  past_key_values=None, **kwargs):
+    cache = cache if cache is not None else past_key_values  # transformers 5 renamed it; accept either
     input_shape = hidden_states.shape[:-1]
     query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
     key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
@@ -26,10 +37,9 @@ def value_forward(self, hidden_states, position_embeddings=None, attention_mask=
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     query = query * cos + _rotate_half(query) * sin
     key = key * cos + _rotate_half(key) * sin
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-    # Eager attention: torch's SDPA with grouped-query heads rejects a value width of its own.
-    interface = eager_attention_forward
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    interface = _attention_function(getattr(self.config, "_attn_implementation", None))
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     output, weights = interface(self, query, key, value, attention_mask,
                                 dropout=0.0 if not self.training else self.attention_dropout,
@@ -43,6 +53,3 @@ def use_value_head_dim(attention: torch.nn.Module, value_head_dim: int) -> None:
     attention.value_head_dim = int(value_head_dim)
     if value_head_dim != attention.head_dim:
         attention.forward = types.MethodType(value_forward, attention)
-        # The model builds its masks for its attention implementation; this forward runs eager attention,
-        # so the (shared) config must ask for eager masks.
-        attention.config._attn_implementation = "eager"
