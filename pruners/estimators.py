@@ -98,10 +98,11 @@ class TaylorEstimator:
     Fisher, one backward per example): vectorize = |sum of w*g| per slice; param_first = sum |w*g|;
     param_second = sum |w*H*w|; param_mix = sum |w*g - 0.5*w*H*w|.
 
-    vectorize and param_first reduce each parameter's importance to one number per position inside the
-    gradient hook and free the gradient at once, so no full set of gradients is ever held. param_second and
-    param_mix need w*g and H element by element across examples: they keep those two accumulators (as
-    LLM-Pruner keeps grad and acc_grad).
+    vectorize and param_first need g of the mean loss over all examples, whatever the micro-batch size:
+    the micro-batches' gradients add up in ``.grad`` (one gradient per scored weight, as LLM-Pruner holds)
+    and are reduced to one number per position once, after the last backward. param_second and param_mix
+    need w*g and H element by element across examples: they keep those two accumulators (as LLM-Pruner keeps
+    grad and acc_grad), reduced per example in the gradient hook.
     """
 
     mode: str = "param_first"
@@ -170,8 +171,9 @@ class TaylorEstimator:
 
             return hook
 
-        for name in wanted:
-            handles.append(params[name].register_post_accumulate_grad_hook(hook_for(name)))
+        if per_example:
+            for name in wanted:
+                handles.append(params[name].register_post_accumulate_grad_hook(hook_for(name)))
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -184,6 +186,9 @@ class TaylorEstimator:
                 # Per example: that example's own gradient (the Fisher needs it). Otherwise the batches add up
                 # to the gradient of the mean loss over all examples.
                 (loss if per_example else loss * ids.shape[0] / batches.shape[0]).backward()
+            if not per_example:  # the gradient of the mean loss over every example, complete only now
+                for name in wanted:
+                    hook_for(name)(params[name])
         finally:
             for handle in handles:
                 handle.remove()

@@ -72,11 +72,13 @@ def test_query_head_scores_follow_o_proj_columns(batches):
     assert np.allclose(scores, columns.view(COMMON["num_attention_heads"], -1).sum(1).numpy())
 
 
-def test_taylor_param_first_matches_direct_computation(batches):
+@pytest.mark.parametrize("batch_size", [1, 2, 6])
+def test_taylor_param_first_is_w_times_the_gradient_of_the_mean_loss(batch_size, batches):
+    """|w * dL/dw| with L the mean loss over all examples: the micro-batch size must not change the score."""
     model = tiny_model("llama")
     graph = DependencyGraph.build(model)
     space = graph.in_layer(1, "channels")
-    scores = TaylorEstimator("param_first", batch_size=len(batches)).scores(graph, [space], batches)[space.name]
+    scores = TaylorEstimator("param_first", batch_size=batch_size).scores(graph, [space], batches)[space.name]
     reference = copy.deepcopy(model)
     logits = reference(input_ids=batches).logits
     F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batches[:, 1:].reshape(-1)).backward()
