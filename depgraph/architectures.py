@@ -25,6 +25,7 @@ class ArchitectureRule:
     layers: str = "model.layers"  # the ModuleList of decoder layers
     attention: str = "self_attn"  # attention module inside a layer
     mlp: str = "mlp"
+    final_norm: str = "model.norm"  # the norm between the last decoder layer and the output embedding
     output: str = "o_proj"  # its input columns are the query heads (times head_dim)
     key: str | None = "k_proj"  # its output rows are the key-value heads (times head_dim)
     value: str | None = "v_proj"  # its output rows are the key-value heads (times the value head dim)

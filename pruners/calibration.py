@@ -69,7 +69,10 @@ def collect_input_statistics(
     try:
         if layers is not None:
             bar = lambda items: tqdm(items, desc="calibration (layers)", disable=not progress, leave=False)  # noqa: E731
-            for _ in stream_layers(model, layers, batches, batch_size, progress=bar):
+            inside = {id(module) for module in layers.modules()}
+            after_decoder = [name for name in module_names if id(model.get_submodule(name)) not in inside]
+            head = _model_head(model) if after_decoder else None
+            for _ in stream_layers(model, layers, batches, batch_size, progress=bar, after_last=head):
                 pass
         else:
             for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
@@ -79,6 +82,16 @@ def collect_input_statistics(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _model_head(model: nn.Module):
+    """What runs after the decoder layers (final norm, then the output embedding), so that hooks on those
+    modules (an untied ``lm_head`` scored for hidden channels) see their true inputs."""
+    from depgraph.architectures import rule_for
+
+    norm = model.get_submodule(rule_for(model).final_norm)
+    output = model.get_output_embeddings()
+    return lambda hidden: output(norm(hidden))
 
 
 @torch.no_grad()

@@ -48,15 +48,20 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 @torch.no_grad()
 def stream_layers(model: nn.Module, layers: nn.ModuleList, batches: torch.Tensor, batch_size: int = 8,
-                  progress: Callable[[Iterator], Iterator] = iter) -> Iterator[int]:
+                  progress: Callable[[Iterator], Iterator] = iter,
+                  after_last: Callable[[torch.Tensor], None] | None = None) -> Iterator[int]:
     """Run the calibration batches layer by layer; yields the index of each layer after running it.
 
-    Hooks registered on a layer's modules before it runs see exactly its calibration inputs.
+    Hooks registered on a layer's modules before it runs see exactly its calibration inputs. ``after_last``,
+    when given, receives the last layer's output hidden states, batch by batch (to run the model's head).
     """
     inputs = capture_layer_inputs(model, layers, batches, batch_size)
     for index in progress(range(len(layers))):
         inputs = run_layer(layers[index], inputs)
         yield index
+    if after_last is not None:
+        for args, kwargs in inputs:
+            after_last(_hidden(args, kwargs))
 
 
 @torch.no_grad()

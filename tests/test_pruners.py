@@ -275,3 +275,21 @@ def test_remove_heads_takes_the_same_heads_from_every_layer(batches):
     with pytest.raises(ValueError, match="multiple of 2"):
         prune_model(tiny_model("llama"), None, PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6,
                     sublayer="self_attn,mlp", remove_heads=3), log=lambda _: None, batches=batches)
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "mistral", "phi3"])
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_channel_wise_on_untied_models_scores_lm_head_on_its_true_inputs(arch, method, batches):
+    """Untied output embeddings read the hidden width too: their statistics come from the final norm's output."""
+    from pruners.calibration import collect_input_statistics
+
+    model = tiny_model(arch)
+    assert not model.config.tie_word_embeddings
+    stats = collect_input_statistics(model, batches, ["lm_head"], progress=False, layers=model.model.layers)
+    with torch.no_grad():
+        final = model(input_ids=batches, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    assert torch.allclose(stats["lm_head"].mean, final.reshape(-1, final.shape[-1]).double().mean(0), atol=1e-5)
+    settings = PruneSettings(prune_method=method, mode="channel", pruning_ratio=0.1, nsamples=6)
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert model.config.hidden_size < COMMON["hidden_size"] and abs(report.achieved_ratio - 0.1) < 0.03
+    assert torch.isfinite(model(input_ids=batches).logits).all()
