@@ -92,16 +92,60 @@ def allocate(
             f"({sum(u.params for u in units):,}): lower --pruning_ratio or widen the layer ranges"
         )
     shares = {key: budget * cap / total_capacity for key, cap in capacity.items()}
-    chosen: dict[str, list[int]] = {}
-    removed: dict[object, int] = {key: 0 for key in shares}
+    buckets: dict[object, list[Unit]] = {key: [] for key in shares}
     for unit in sorted(units, key=lambda u: u.score):
-        key = _bucket_key(unit, structure)
-        if removed[key] + unit.params <= shares[key] + unit.params / 2:
-            removed[key] += unit.params
-            chosen.setdefault(unit.space, []).extend(unit.elements)
+        buckets[_bucket_key(unit, structure)].append(unit)
+    chosen: dict[str, list[int]] = {}
+    removed = _spend_shares(buckets, shares, chosen)
+    _fill_to_budget(buckets, capacity, removed, budget, chosen)
     if round_to > 1:
         _round_kept(graph, chosen, scores, round_to)
     return Plan(remove={name: sorted(elements) for name, elements in chosen.items()})
+
+
+def _take(unit: Unit, chosen: dict[str, list[int]]) -> None:
+    chosen.setdefault(unit.space, []).extend(unit.elements)
+
+
+def _spend_shares(buckets: dict[object, list[Unit]], shares: dict[object, float],
+                  chosen: dict[str, list[int]]) -> dict[object, int]:
+    """Weakest first inside every bucket, never past the bucket's share; taken units leave ``buckets``."""
+    removed = {}
+    for key, bucket in buckets.items():
+        spent, left = 0, []
+        for unit in bucket:
+            if spent + unit.params <= shares[key]:
+                spent += unit.params
+                _take(unit, chosen)
+            else:
+                left.append(unit)
+        buckets[key], removed[key] = left, spent
+    return removed
+
+
+def _fill_to_budget(buckets: dict[object, list[Unit]], capacity: dict[object, int], removed: dict[object, int],
+                    budget: int, chosen: dict[str, list[int]]) -> None:
+    """Spend what the shares left over (units too coarse for a bucket's share) on the least pruned buckets,
+    never past the budget; then one more unit, the smallest, if it brings the total closer.
+
+    The total so ends within half of the smallest remaining unit of the budget."""
+    total = sum(removed.values())
+    while True:
+        best = None
+        for key, bucket in buckets.items():
+            unit = next((u for u in bucket if total + u.params <= budget), None)
+            if unit is not None and (best is None or removed[key] / capacity[key] < removed[best[0]] / capacity[best[0]]):
+                best = (key, unit)
+        if best is None:
+            break
+        key, unit = best
+        buckets[key].remove(unit)
+        removed[key] += unit.params
+        total += unit.params
+        _take(unit, chosen)
+    last = min((u for bucket in buckets.values() for u in bucket[:1]), key=lambda u: u.params, default=None)
+    if last is not None and total + last.params / 2 <= budget:
+        _take(last, chosen)
 
 
 def _round_kept(graph: DependencyGraph, chosen: dict[str, list[int]], scores: dict[str, np.ndarray], multiple: int):

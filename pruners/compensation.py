@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from depgraph import DependencyGraph, Plan
+from depgraph import DependencyGraph, Plan, Space
 from pruners.calibration import InputStatistics
 
 
@@ -36,3 +36,18 @@ def compensate_bias(graph: DependencyGraph, plan: Plan, statistics: dict[str, In
             module.bias += delta
             changed.append(module_name)
     return changed
+
+
+def bias_parameters_added(graph: DependencyGraph, spaces: list[Space]) -> int:
+    """Parameters that compensation will add: a bias for every bias-less linear reading a selected space.
+
+    The allocator is given the budget less these, so that the achieved removal counts them."""
+    modules = dict(graph.model.named_modules())
+    readers = set()
+    for space in spaces:
+        for name, dim in space.members:
+            module_name, _, attr = name.rpartition(".")
+            module = modules.get(module_name)
+            if attr == "weight" and dim == 1 and isinstance(module, nn.Linear) and module.bias is None:
+                readers.add(module_name)
+    return sum(modules[name].out_features for name in readers)

@@ -14,7 +14,7 @@ from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
 from evaluation.stats import count_parameters
 from pruners.allocation import allocate
-from pruners.compensation import compensate_bias
+from pruners.compensation import bias_parameters_added, compensate_bias
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
 
 
@@ -117,9 +117,11 @@ class PruneReport:
         return 1 - self.params_after / self.params_before
 
     def summary(self) -> str:
+        removed = self.params_before - self.params_after
         return (
-            f"{self.method}: parameters {self.params_before:,} -> {self.params_after:,}; removed "
-            f"{self.achieved_ratio:.2%} of all parameters (asked {self.asked_ratio:.2%}) in {self.seconds:.1f}s"
+            f"{self.method}: parameters {self.params_before:,} -> {self.params_after:,}; removed {removed:,} = "
+            f"{self.achieved_ratio:.2%} of all parameters (asked {self.budget:,} = {self.asked_ratio:.2%}, "
+            f"off by {removed - self.budget:+,}) in {self.seconds:.1f}s"
         )
 
 
@@ -201,12 +203,13 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     scores = estimator.scores(graph, spaces, batches) if budget else {s.name: np.zeros(s.size) for s in spaces}
     stages["estimate"] = time.perf_counter() - tick
     structure = settings.structure or method.structure
-    if settings.remove_heads >= 0 and budget:
-        plan = _fixed_heads_plan(graph, spaces, scores, budget, settings)
-    else:
-        plan = allocate(graph, spaces, scores, budget, structure, settings.round_to) if budget else Plan()
-    tick = time.perf_counter()
     use_bias = method.bias_compensation if settings.bias_compensation is None else settings.bias_compensation
+    removable = budget + (bias_parameters_added(graph, spaces) if use_bias and budget else 0)
+    if settings.remove_heads >= 0 and budget:
+        plan = _fixed_heads_plan(graph, spaces, scores, removable, settings)
+    else:
+        plan = allocate(graph, spaces, scores, removable, structure, settings.round_to) if budget else Plan()
+    tick = time.perf_counter()
     if use_bias and not plan.is_empty():
         statistics = getattr(estimator, "statistics", None)
         compensate_bias(graph, plan, statistics)
