@@ -161,10 +161,29 @@ def refresh_config(model: nn.Module, rule: ArchitectureRule) -> None:
     config.layer_shapes = None if uniform else shapes
 
 
+def _refuse_rotary_pairs(spaces: Mapping[str, Space], plan: Plan) -> None:
+    """Query/key dimensions paired by RoPE are discovered (for inspection) but not removable: the rotary
+    embedding and every attention share one ``head_dim``. Refused before anything is touched."""
+    for name, elements in plan.remove.items():
+        if name in spaces and spaces[name].kind == "head_dim_pairs" and elements:
+            raise InvalidPlan(f"{name}: rotary query/key dimensions cannot be removed (the rotary embedding fixes "
+                              "head_dim); remove value dimensions (kind 'head_dim') or whole heads instead")
+
+
+def _record_value_widths(model: nn.Module, spaces: Mapping[str, Space], plan: Plan) -> None:
+    """An attention whose value dimensions were removed keeps its new value width as ``value_head_dim``
+    (a fused qkv projection cannot tell it from its shape alone)."""
+    for name, elements in plan.remove.items():
+        space = spaces[name]
+        if space.kind == "head_dim" and elements:
+            model.get_submodule(space.module).value_head_dim = space.size - len(set(int(e) for e in elements))
+
+
 def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
     """Remove, in place, every slice the plan names and update modules and config to match."""
     if plan.is_empty():
         return
+    _refuse_rotary_pairs(spaces, plan)
     positions = _positions(spaces, plan)
     _check_attention(spaces, plan, rule)
     for name, elements in plan.remove.items():
@@ -174,6 +193,7 @@ def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: 
                 raise InvalidPlan("the plan removes every hidden channel: lower the hidden ratio")
             _compensate_norms(model, rule, space, len(set(elements)))
     _slice_parameters(model, positions)
+    _record_value_widths(model, spaces, plan)
     if plan.layers:
         _remove_layers(model, rule, plan.layers)
     refresh_config(model, rule)

@@ -50,17 +50,18 @@ class ArchitectureRule:
         # in_features / out_features: plain and low-rank linears both have them
         head_dim = self.head_dim(attention)
         if self.fused_qkv:
-            queries = attention.get_submodule(self.output).in_features // head_dim
-            keys = (attention.get_submodule(self.fused_qkv).out_features // head_dim - queries) // 2
-            return queries, keys
+            value_dim = self.value_head_dim(attention)
+            queries = attention.get_submodule(self.output).in_features // value_dim
+            fused = attention.get_submodule(self.fused_qkv).out_features
+            return queries, (fused - queries * head_dim) // (head_dim + value_dim)
         keys = attention.get_submodule(self.key).out_features // head_dim
         return attention.get_submodule(self.output).in_features // self.value_head_dim(attention), keys
 
     def value_head_dim(self, attention: nn.Module) -> int:
         """Value width per head: head_dim unless value dimensions were removed (FLAT-LLM)."""
         head_dim = self.head_dim(attention)
-        if self.fused_qkv or self.value is None:
-            return head_dim
+        if self.fused_qkv or self.value is None:  # recorded when value dimensions are removed (depgraph.apply)
+            return int(getattr(attention, "value_head_dim", head_dim))
         keys = attention.get_submodule(self.key).out_features // head_dim
         return attention.get_submodule(self.value).out_features // keys if keys else head_dim
 
@@ -86,10 +87,13 @@ def _set_kv_groups(attention: nn.Module, queries: int, keys: int) -> None:
 
 def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
     """Phi-3 slices its fused projection with ``config.num_attention_heads``: give the module its own config."""
+    from modelio.attention import use_value_head_dim
+
     _set_kv_groups(attention, queries, keys)
     if attention.config.num_attention_heads != queries:
         attention.config = copy.copy(attention.config)
         attention.config.num_attention_heads = queries
+    use_value_head_dim(attention, getattr(attention, "value_head_dim", attention.head_dim))
 
 
 def _set_llama_counts(attention: nn.Module, queries: int, keys: int) -> None:
@@ -98,8 +102,7 @@ def _set_llama_counts(attention: nn.Module, queries: int, keys: int) -> None:
 
     _set_kv_groups(attention, queries, keys)
     value_width = attention.v_proj.out_features // keys if keys else attention.head_dim
-    if value_width != getattr(attention, "value_head_dim", attention.head_dim):
-        use_value_head_dim(attention, value_width)
+    use_value_head_dim(attention, value_width)
 
 
 RULES: list[ArchitectureRule] = [

@@ -9,7 +9,7 @@ from depgraph import DependencyGraph, Plan
 from pruners import PruneSettings, prune_model
 from tests.conftest import COMMON, tiny_model
 
-VALUE_ARCHS = ["llama", "mistral", "qwen2", "gemma"]
+VALUE_ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3"]
 
 
 def _value_pruned(arch: str) -> torch.nn.Module:
