@@ -31,6 +31,10 @@ class ArchitectureRule:
     value: str | None = "v_proj"  # its output rows are the key-value heads (times the value head dim)
     fused_qkv: str | None = None  # Phi-3: one projection for q, k and v
     down: str = "down_proj"  # its input width is the MLP width
+    # Projections of a sub-layer grouped by the input they read (the first of a group names its statistics).
+    attention_inputs: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+    mlp_inputs: tuple[tuple[str, ...], ...] = (("gate_proj", "up_proj"), ("down_proj",))
+    value_path: tuple[str, ...] = ("v_proj", "o_proj")  # what carries values (LoRAP gives it more rank)
     norm_epsilon_attributes: tuple[str, ...] = ("variance_epsilon", "eps")
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     epsilon_config_field: str = "rms_norm_eps"
@@ -64,6 +68,13 @@ class ArchitectureRule:
             return int(getattr(attention, "value_head_dim", head_dim))
         keys = attention.get_submodule(self.key).out_features // head_dim
         return attention.get_submodule(self.value).out_features // keys if keys else head_dim
+
+    def value_projection(self, attention: nn.Module) -> tuple[nn.Module, int]:
+        """The linear that writes the values, and the row where they start (after q and k when fused)."""
+        if self.fused_qkv:
+            queries, keys = self.head_counts(attention)
+            return attention.get_submodule(self.fused_qkv), (queries + keys) * self.head_dim(attention)
+        return attention.get_submodule(self.value), 0
 
     def mlp_width(self, layer: nn.Module) -> int:
         return int(layer.get_submodule(f"{self.mlp}.{self.down}").in_features)
@@ -112,7 +123,8 @@ RULES: list[ArchitectureRule] = [
     ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_llama_counts),
     # Phi-3: fused qkv_proj and gate_up_proj; the trace splits them by their slices and chunks.
     ArchitectureRule(model_types=("phi3",), key=None, value=None, fused_qkv="qkv_proj",
-                     refresh_attention=_set_phi3_counts),
+                     attention_inputs=(("qkv_proj",), ("o_proj",)), mlp_inputs=(("gate_up_proj",), ("down_proj",)),
+                     value_path=("o_proj",), refresh_attention=_set_phi3_counts),
 ]
 
 

@@ -45,40 +45,46 @@ def importance_preserving_ratios(importance: np.ndarray, sizes: np.ndarray, keep
         free &= ~over
 
 
-def _value_rotation(attention: nn.Module, second_moment: torch.Tensor, count: int, head_dim: int, kv_heads: int,
-                    query_heads: int) -> None:
-    """Rotate v_proj rows and o_proj columns of every kv head into its value PCA basis (largest first)."""
+def _value_rotation(values: nn.Linear, first_row: int, output: nn.Linear, second_moment: torch.Tensor, count: int,
+                    head_dim: int, kv_heads: int, query_heads: int) -> None:
+    """Rotate the value rows (from ``first_row`` of ``values``) and the output columns of every kv head into
+    its value PCA basis (largest first). Exact: o(v) is unchanged."""
     covariance_x = second_moment.double() / max(count, 1)
-    v_weight = attention.v_proj.weight.data
-    o_weight = attention.o_proj.weight.data
+    v_weight = values.weight.data
+    o_weight = output.weight.data
     group = query_heads // kv_heads
     for g in range(kv_heads):
-        rows = slice(g * head_dim, (g + 1) * head_dim)
+        rows = slice(first_row + g * head_dim, first_row + (g + 1) * head_dim)
         w = v_weight[rows].double()
         covariance = w @ covariance_x.to(w.device) @ w.T
         _, vectors = torch.linalg.eigh(covariance)
         basis = vectors.flip(-1)  # columns: directions, largest variance first
         v_weight[rows] = (basis.T @ w).to(v_weight.dtype)
-        if attention.v_proj.bias is not None:
-            bias = attention.v_proj.bias.data
+        if values.bias is not None:
+            bias = values.bias.data
             bias[rows] = (basis.T @ bias[rows].double()).to(bias.dtype)
         for h in range(g * group, (g + 1) * group):
             cols = slice(h * head_dim, (h + 1) * head_dim)
             o_weight[:, cols] = (o_weight[:, cols].double() @ basis).to(o_weight.dtype)
 
 
-def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int, layers: list[int],
-                     log: Callable[[str], None]) -> dict:
+def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
+                     selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
+    """``selection`` maps "self_attn" and "mlp" to the layers whose attention values / MLP are compressed."""
     model, rule = graph.model, graph.rule
     decoder = rule.decoder_layers(model)
-    hidden = model.config.hidden_size
-    per_dim, per_channel, sizes = [], [], []
+    attention_layers, mlp_layers = set(selection.get("self_attn", [])), set(selection.get("mlp", []))
+    layers = sorted(attention_layers | mlp_layers)
+    sizes = []
     for index in layers:
-        attention = decoder[index].get_submodule(rule.attention)
-        queries, keys = rule.head_counts(attention)
-        per_dim.append((queries + keys) * hidden)  # one value dimension: a row of v per kv head, a column of o per head
-        per_channel.append(3 * hidden)
-        sizes.append(per_dim[-1] * rule.head_dim(attention) + per_channel[-1] * rule.mlp_width(decoder[index]))
+        size = 0
+        if index in attention_layers:  # one value dimension: a row of v per kv head, a column of o per head
+            values = graph.in_layer(index, "head_dim")
+            size += values.parameter_count(0) * values.size
+        if index in mlp_layers:
+            channels = graph.in_layer(index, "channels")
+            size += channels.parameter_count(0) * channels.size
+        sizes.append(size)
     sizes = np.array(sizes, dtype=float)
     if budget > sizes.sum():
         raise ValueError(f"the budget ({budget:,}) exceeds what FLAT-LLM can compress ({int(sizes.sum()):,}): "
@@ -90,44 +96,47 @@ def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, bu
     chosen = dict(zip(layers, ratios))
     for index in range(len(decoder)):
         if index in chosen and chosen[index] < 1.0:
-            _compress_layer(graph, index, chosen[index], inputs, settings)
+            _compress_layer(graph, index, chosen[index], inputs, index in attention_layers, index in mlp_layers)
         inputs = run_layer(decoder[index], inputs)
     return {"ratios": dict(zip(layers, ratios.tolist())), "influence": influence.tolist()}
 
 
-def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, settings) -> None:
+def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, attention_too: bool,
+                    mlp_too: bool) -> None:
     model, rule = graph.model, graph.rule
     layer = rule.decoder_layers(model)[index]
     attention = layer.get_submodule(rule.attention)
-    prefix = f"{rule.layers}.{index}"
-    v_name, down_name = f"{prefix}.{rule.attention}.v_proj", f"{prefix}.{rule.mlp}.{rule.down}"
-    stats = collect_input_statistics_on(layer, inputs, {v_name: attention.v_proj,
-                                                        down_name: layer.get_submodule(f"{rule.mlp}.{rule.down}")})
-    head_dim = rule.value_head_dim(attention)
-    queries, keys = rule.head_counts(attention)
-    keep_dims = max(1, int(round(ratio * head_dim)))
-    width = rule.mlp_width(layer)
-    keep_channels = max(1, int(round(ratio * width)))
-    # Attention: rotate into the value PCA basis, then drop the weakest directions.
-    with torch.no_grad():
-        _value_rotation(attention, stats[v_name].second_moment, stats[v_name].count, head_dim, keys, queries)
-    remove: dict[str, list[int]] = {}
-    if keep_dims < head_dim:
-        remove[graph.in_layer(index, "head_dim").name] = list(range(keep_dims, head_dim))
-    # MLP: keep the channels with the most output energy and refit down_proj on them.
+    values, first_row = rule.value_projection(attention)
     down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
-    moment = stats[down_name].second_moment.double() / max(stats[down_name].count, 1)
-    energy = moment.diagonal() * down.weight.detach().double().pow(2).sum(0).cpu()
-    kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:keep_channels])
+    observed = {"values": values} if attention_too else {}
+    if mlp_too:
+        observed["down"] = down
+    stats = collect_input_statistics_on(layer, inputs, observed)
+    remove: dict[str, list[int]] = {}
+    if attention_too:  # rotate into the value PCA basis, then drop the weakest directions
+        head_dim = rule.value_head_dim(attention)
+        queries, keys = rule.head_counts(attention)
+        keep_dims = max(1, int(round(ratio * head_dim)))
+        with torch.no_grad():
+            _value_rotation(values, first_row, attention.get_submodule(rule.output), stats["values"].second_moment,
+                            stats["values"].count, head_dim, keys, queries)
+        if keep_dims < head_dim:
+            remove[graph.in_layer(index, "head_dim").name] = list(range(keep_dims, head_dim))
     refit = None
-    if keep_channels < width:
-        remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
-        kept_t = torch.as_tensor(kept)
-        block = moment[kept_t][:, kept_t]
-        damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
-        # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
-        solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
-        refit = down.weight.detach().double().cpu() @ solution.T
+    if mlp_too:  # keep the channels with the most output energy and refit down_proj on them
+        width = rule.mlp_width(layer)
+        keep_channels = max(1, int(round(ratio * width)))
+        moment = stats["down"].second_moment.double() / max(stats["down"].count, 1)
+        energy = moment.diagonal() * down.weight.detach().double().pow(2).sum(0).cpu()
+        kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:keep_channels])
+        if keep_channels < width:
+            remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
+            kept_t = torch.as_tensor(kept)
+            block = moment[kept_t][:, kept_t]
+            damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
+            # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
+            solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
+            refit = down.weight.detach().double().cpu() @ solution.T
     if remove:
         graph.apply(Plan(remove=remove))
     if refit is not None:

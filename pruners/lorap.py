@@ -1,4 +1,9 @@
-"""LoRAP: attention factorized (AWSVD / AFM / SVD, v and o given more rank), MLP channels pruned by activation."""
+"""LoRAP: attention factorized (AWSVD / AFM / SVD, the value path given more rank), MLP channels pruned by
+activation.
+
+Which projections exist, which read the same input and which carry values comes from the architecture rule
+(separate q/k/v on LLaMA, a fused ``qkv_proj`` on Phi-3), never from names written here.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,72 +18,58 @@ from pruners.estimators import ActivationEstimator
 from pruners.lowrank import factorize, shared_rank
 
 
-def _linears(module: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear]:
-    return {name: module.get_submodule(name) for name in names}
+def _parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
-def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int, layers: list[int],
-                   log: Callable[[str], None]) -> dict:
-    """Compress the selected layers' sub-layers by one common fraction so that ``budget`` parameters go."""
+def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
+                   selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
+    """Compress the selected sub-layers by one common fraction so that ``budget`` parameters go.
+
+    ``selection`` maps "self_attn" and "mlp" to the layers whose attention / MLP is compressed."""
     model, rule = graph.model, graph.rule
     decoder = rule.decoder_layers(model)
-    sublayers = {part.strip() for part in settings.sublayer.split(",")}
-    attention_names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp_names = ("gate_proj", "up_proj", "down_proj")
-    selected = 0
-    for index in layers:
-        if "self_attn" in sublayers:
-            selected += sum(p.numel() for p in decoder[index].get_submodule(rule.attention).parameters())
-        if "mlp" in sublayers:
-            selected += sum(p.numel() for p in decoder[index].get_submodule(rule.mlp).parameters())
+    attention_layers, mlp_layers = selection.get("self_attn", []), selection.get("mlp", [])
+    selected = (sum(_parameters(decoder[i].get_submodule(rule.attention)) for i in attention_layers)
+                + sum(_parameters(decoder[i].get_submodule(rule.mlp)) for i in mlp_layers))
     if budget > selected:
         raise ValueError(f"the budget ({budget:,}) exceeds the selected sub-layers ({selected:,} parameters): "
                          "lower --pruning_ratio or select more layers")
-    fraction = budget / selected
+    fraction = budget / selected if selected else 0.0
     log(f"LoRAP: compressing the selected sub-layers by {fraction:.1%} of their parameters")
-    wanted = []
-    for index in layers:
-        prefix = f"{rule.layers}.{index}"
-        if "self_attn" in sublayers:
-            wanted += [f"{prefix}.{rule.attention}.{n}" for n in ("q_proj", "o_proj")]
-        if "mlp" in sublayers:
-            wanted += [f"{prefix}.{rule.mlp}.{n}" for n in ("gate_proj", "down_proj")]
+    wanted = [f"{rule.layers}.{i}.{rule.attention}.{group[0]}" for i in attention_layers for group in rule.attention_inputs]
+    wanted += [f"{rule.layers}.{i}.{rule.mlp}.{group[0]}" for i in mlp_layers for group in rule.mlp_inputs]
     stats = collect_input_statistics(model, batches, wanted, layers=decoder,
                                      second_moments=settings.deco_method == "AFM")
     report = {"fraction": fraction, "ranks": {}}
-    if "mlp" in sublayers:
-        if settings.mlp_compress_method == "prune":
-            spaces = [graph.in_layer(index, "channels") for index in layers]
-            # any activation estimator composes here (FLAP's fluctuation on the MLP, say): --mlp_metric
-            scores = ActivationEstimator(settings.mlp_metric).scores(graph, spaces, None, statistics=stats)
-            mlp_budget = int(fraction * sum(s.parameter_count(0) * s.size for s in spaces))
-            graph.apply(allocate(graph, spaces, scores, mlp_budget, "UL-UM", settings.round_to))
-        else:
-            for index in layers:
-                prefix = f"{rule.layers}.{index}.{rule.mlp}"
-                mlp = decoder[index].get_submodule(rule.mlp)
-                _factorize_group(mlp, prefix, mlp_names, (1.0, 1.0, 1.0), fraction, settings, stats,
-                                 {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"},
-                                 report)
-    if "self_attn" in sublayers:
-        weights = (1.0, 1.0, settings.para_allocate, settings.para_allocate)
-        for index in layers:
-            prefix = f"{rule.layers}.{index}.{rule.attention}"
-            attention = decoder[index].get_submodule(rule.attention)
-            _factorize_group(attention, prefix, attention_names, weights, fraction, settings, stats,
-                             {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj"},
-                             report)
+    if mlp_layers and settings.mlp_compress_method == "prune":
+        spaces = [graph.in_layer(index, "channels") for index in mlp_layers]
+        # any activation estimator composes here (FLAP's fluctuation on the MLP, say): --mlp_metric
+        scores = ActivationEstimator(settings.mlp_metric).scores(graph, spaces, None, statistics=stats)
+        mlp_budget = int(fraction * sum(s.parameter_count(0) * s.size for s in spaces))
+        graph.apply(allocate(graph, spaces, scores, mlp_budget, "UL-UM", settings.round_to))
+    elif mlp_layers:
+        for index in mlp_layers:
+            _factorize_sublayer(decoder[index].get_submodule(rule.mlp), f"{rule.layers}.{index}.{rule.mlp}",
+                                rule.mlp_inputs, (), fraction, settings, stats, report)
+    for index in attention_layers:
+        _factorize_sublayer(decoder[index].get_submodule(rule.attention), f"{rule.layers}.{index}.{rule.attention}",
+                            rule.attention_inputs, rule.value_path, fraction, settings, stats, report)
     return report
 
 
-def _factorize_group(parent: nn.Module, prefix: str, names: tuple[str, ...], weights, fraction: float, settings,
-                     stats, stats_of: dict[str, str], report: dict) -> None:
-    linears = _linears(parent, names)
+def _factorize_sublayer(parent: nn.Module, prefix: str, input_groups: tuple[tuple[str, ...], ...],
+                        favoured: tuple[str, ...], fraction: float, settings, stats, report: dict) -> None:
+    """Factorize every projection of one sub-layer, ranks shared so that ``fraction`` of its weights go;
+    projections in ``favoured`` get ``--para_allocate`` times the rank of the others."""
+    source_of = {name: group[0] for group in input_groups for name in group}
+    linears = {name: parent.get_submodule(name) for name in source_of}
     shapes = [(m.in_features, m.out_features) for m in linears.values()]
+    weights = [settings.para_allocate if name in favoured else 1.0 for name in linears]
     dense = sum(i * o for i, o in shapes)
-    ranks = shared_rank(shapes, list(weights), (1 - fraction) * dense)
+    ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
     for (name, linear), rank in zip(linears.items(), ranks):
-        source = stats.get(f"{prefix}.{stats_of[name]}")
+        source = stats.get(f"{prefix}.{source_of[name]}")
         new = factorize(linear, rank, settings.deco_method, source, real_com=settings.real_com)
         setattr(parent, name, new)
         report["ranks"][f"{prefix}.{name}"] = getattr(new, "rank", None)

@@ -128,30 +128,35 @@ class PruneReport:
 MODES = ("block", "channel", "layer")
 
 
-def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space]:
-    if settings.mode == "channel":
-        return graph.of_kind("hidden")
-    n = graph.num_layers
-    attn_end = n if settings.block_attention_layer_end is None else settings.block_attention_layer_end
-    mlp_end = n if settings.block_mlp_layer_end is None else settings.block_mlp_layer_end
-    head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
-    if head_kind is None:
-        raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
+def sublayer_selection(settings: PruneSettings, num_layers: int) -> dict[str, list[int]]:
+    """The layers whose attention ("self_attn") and whose MLP ("mlp") are compressed: ``--sublayer`` with the
+    ``--block_attention_layer_*`` and ``--block_mlp_layer_*`` ranges. Every method reads it the same way."""
     sublayers = {part.strip() for part in (settings.sublayer or "mlp").split(",") if part.strip()}
     if not sublayers or not sublayers <= {"self_attn", "mlp"}:
         raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{settings.sublayer}'")
-    chosen = []
-    for space in graph.spaces:
-        layer = graph.layer_of(space)
-        if layer is None:
-            continue
-        if space.kind == head_kind and "self_attn" in sublayers and settings.block_attention_layer_start <= layer < attn_end:
-            chosen.append(space)
-        elif space.kind == "channels" and "mlp" in sublayers and settings.block_mlp_layer_start <= layer < mlp_end:
-            chosen.append(space)
-    if not chosen:
-        raise ValueError("no attention or MLP block is selected: check the --block_*_layer_start/end flags")
-    return chosen
+    ranges = {
+        "self_attn": (settings.block_attention_layer_start, settings.block_attention_layer_end),
+        "mlp": (settings.block_mlp_layer_start, settings.block_mlp_layer_end),
+    }
+    selection = {}
+    for sublayer, (start, end) in ranges.items():
+        end = num_layers if end is None else end
+        selection[sublayer] = list(range(max(start, 0), min(end, num_layers))) if sublayer in sublayers else []
+    if not any(selection.values()):
+        raise ValueError("no attention or MLP block is selected: check --sublayer and the --block_*_layer_start/end "
+                         f"flags (the model has {num_layers} layers)")
+    return selection
+
+
+def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space]:
+    if settings.mode == "channel":
+        return graph.of_kind("hidden")
+    head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
+    if head_kind is None:
+        raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
+    selection = sublayer_selection(settings, graph.num_layers)
+    kinds = {head_kind: set(selection["self_attn"]), "channels": set(selection["mlp"])}
+    return [space for space in graph.spaces if graph.layer_of(space) in kinds.get(space.kind, ())]
 
 
 def validate_ratio(ratio: float) -> None:
@@ -188,13 +193,13 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     if method.action == "lorap":
         from pruners.lorap import lorap_compress
 
-        lorap_compress(graph, settings, batches, budget, _selected_layers(graph, settings), log)
+        lorap_compress(graph, settings, batches, budget, sublayer_selection(settings, graph.num_layers), log)
         refresh_config(model, graph.rule)
         return _report(model, settings, before, budget, Plan(), start, stages)
     if method.action == "flatllm":
         from pruners.flatllm import flatllm_compress
 
-        flatllm_compress(graph, settings, batches, budget, _selected_layers(graph, settings), log)
+        flatllm_compress(graph, settings, batches, budget, sublayer_selection(settings, graph.num_layers), log)
         return _report(model, settings, before, budget, Plan(), start, stages)
     spaces = select_spaces(graph, settings)
     estimator = method.make_estimator(settings)
@@ -254,13 +259,6 @@ def _calibration(tokenizer, settings: PruneSettings, samples: int, given: torch.
         return given[:samples]
     return calibration_batches(tokenizer, settings.calibration, samples, settings.seq_len, settings.seed,
                                data_dir=settings.data_dir)
-
-
-def _selected_layers(graph: DependencyGraph, settings: PruneSettings) -> list[int]:
-    """Layers from the lowest block start to the highest block end (LoRAP and FLAT-LLM compress whole layers)."""
-    start = min(settings.block_attention_layer_start, settings.block_mlp_layer_start)
-    ends = [e for e in (settings.block_attention_layer_end, settings.block_mlp_layer_end) if e is not None]
-    return list(range(start, max(ends) if ends else graph.num_layers))
 
 
 def _report(model, settings, before, budget, plan, start, stages) -> PruneReport:

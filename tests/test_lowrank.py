@@ -112,18 +112,24 @@ def test_iprs_keeps_the_total_and_caps_at_one():
     assert np.allclose(ratios[free] / importance[free], (ratios[free] / importance[free])[0])
 
 
-def test_value_rotation_is_exact():
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_value_rotation_is_exact(arch):
+    from depgraph import rule_for
     from pruners.flatllm import _value_rotation
 
-    model = tiny_model("llama")
+    model = tiny_model(arch)
+    rule = rule_for(model)
     ids = torch.randint(0, COMMON["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
     before = model(input_ids=ids).logits
     attention = model.model.layers[1].self_attn
+    values, first_row = rule.value_projection(attention)
     moment = torch.randn(COMMON["hidden_size"], COMMON["hidden_size"], dtype=torch.float64)
     with torch.no_grad():
-        _value_rotation(attention, moment @ moment.T, 1, COMMON["head_dim"], COMMON["num_key_value_heads"],
-                        COMMON["num_attention_heads"])
+        _value_rotation(values, first_row, attention.o_proj, moment @ moment.T, 1, COMMON["head_dim"],
+                        COMMON["num_key_value_heads"], COMMON["num_attention_heads"])
     assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-4)
+    assert not torch.allclose(values.weight, tiny_model(arch).model.layers[1].self_attn.get_submodule(
+        rule.value or rule.fused_qkv).weight)  # the rotation did something
 
 
 def test_flatllm_meets_the_budget_and_saves(tmp_path):
@@ -138,3 +144,39 @@ def test_flatllm_meets_the_budget_and_saves(tmp_path):
     assert torch.isfinite(expected).all()
     folder = save_model(model, None, tmp_path / "flat")
     assert torch.equal(load_model(folder)(input_ids=batches).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["lorap", "flatllm"])
+def test_every_architecture_compresses_saves_and_reloads(method, arch, tmp_path):
+    """Module names come from the architecture rule: fused qkv_proj / gate_up_proj (Phi-3) included."""
+    model = tiny_model(arch)
+    batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
+    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=8),
+                         log=lambda _: None, batches=batches)
+    assert abs(report.achieved_ratio - 0.2) < 0.03, report.summary()
+    expected = model(input_ids=batches).logits
+    assert torch.isfinite(expected).all()
+    assert torch.equal(load_model(save_model(model, None, tmp_path / "out"))(input_ids=batches).logits, expected)
+
+
+def _attention_changed(before, after, layer: int) -> bool:
+    old, new = before.model.layers[layer].self_attn, after.model.layers[layer].self_attn
+    if [type(m) for m in old.modules()] != [type(m) for m in new.modules()]:
+        return True
+    return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters()))
+
+
+@pytest.mark.parametrize("method", ["lorap", "flatllm"])
+def test_layer_ranges_select_each_sublayer_on_its_own(method):
+    """--block_attention_layer_* limits attention only; --block_mlp_layer_* limits the MLP only."""
+    batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
+    original = tiny_model("llama")
+    model = tiny_model("llama")
+    prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.15, nsamples=8,
+                                           block_attention_layer_start=1, block_mlp_layer_end=2),
+                log=lambda _: None, batches=batches)
+    assert not _attention_changed(original, model, 0), "attention of layer 0 is outside the attention range"
+    assert any(_attention_changed(original, model, i) for i in (1, 2))
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert widths[2] == COMMON["intermediate_size"], "the MLP of layer 2 is outside the MLP range"
+    assert min(widths[:2]) < COMMON["intermediate_size"]
