@@ -69,13 +69,16 @@ def allocate(
     budget: int,
     structure: str = "UL-UM",
     round_to: int = 1,
+    standardize: bool = True,
 ) -> Plan:
-    """Choose what to remove so that about ``budget`` parameters go, spread as ``structure`` says."""
+    """Choose what to remove so that about ``budget`` parameters go, spread as ``structure`` says.
+
+    ``standardize=False``: the scores are already comparable across spaces (the estimator standardized them)."""
     if structure not in STRUCTURES:
         raise ValueError(f"unknown --structure {structure}: choose from {', '.join(STRUCTURES)}")
     units: list[Unit] = []
     capacity: dict[object, int] = {}
-    compare_across_spaces = structure != "UL-UM"
+    compare_across_spaces = structure != "UL-UM" and standardize
     for space in spaces:
         layer = graph.layer_of(space)
         values = standardized(scores[space.name]) if compare_across_spaces else scores[space.name]

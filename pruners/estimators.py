@@ -39,14 +39,12 @@ def per_element(space: Space, name: str, dim: int, values: np.ndarray) -> np.nda
     return np.bincount(coordinate[inside], weights=values[inside], minlength=space.size)
 
 
-def reduce_parameters(space: Space, vectors: dict[tuple[str, int], np.ndarray], grouping: str,
-                      absolute_after: bool = False) -> np.ndarray:
+def reduce_parameters(space: Space, vectors: dict[tuple[str, int], np.ndarray], grouping: str) -> np.ndarray:
     """Combine per-parameter element scores into one score per element (LLM-Pruner's grouping strategy)."""
     rows = []
     for (name, dim), values in vectors.items():
         if (name, dim) in space.members:
-            row = per_element(space, name, dim, values)
-            rows.append(np.abs(row) if absolute_after else row)
+            rows.append(per_element(space, name, dim, values))
     if not rows:
         raise ValueError(f"no parameter of {space.name} has a score")
     return GROUPING[grouping](np.stack(rows))
@@ -95,7 +93,8 @@ class TaylorEstimator:
     """LLM-Pruner's gradient Taylor importance, element by element, summed over the group's slices.
 
     With g the gradient of the mean loss over the examples and H = mean over examples of g_s^2 (the diagonal
-    Fisher, one backward per example): vectorize = |sum of w*g| per slice; param_first = sum |w*g|;
+    Fisher, one backward per example): vectorize = |sum of w*g| per row or column of a weight, summed over the
+    rows/columns of the element; param_first = sum |w*g|;
     param_second = sum |w*H*w|; param_mix = sum |w*g - 0.5*w*H*w|.
 
     vectorize and param_first need g of the mean loss over all examples, whatever the micro-batch size:
@@ -130,9 +129,12 @@ class TaylorEstimator:
             signed = self.mode == "vectorize"
 
             def reduce_now(name, weight, grad):
+                # vectorize: |sum of w*g| over each row (or column), LLM-Pruner's per-channel salience, then
+                # summed over the rows of an element (a head's head_dim rows); param_first: sum of |w*g|
                 value = weight * grad if signed else (weight * grad).abs()
                 for dim in wanted[name]:
-                    vectors[(name, dim)] = vectors.get((name, dim), 0) + _reduce_to_dim(value, dim)
+                    reduced = _reduce_to_dim(value, dim)
+                    vectors[(name, dim)] = np.abs(reduced) if signed else reduced
 
             self._backward(graph.model, batches, wanted, reduce_now, per_example=False)
         else:
@@ -153,8 +155,7 @@ class TaylorEstimator:
                     vectors[(name, dim)] = _reduce_to_dim(value, dim)
             first.clear()
             fisher.clear()
-        return {space.name: reduce_parameters(space, vectors, self.grouping, absolute_after=self.mode == "vectorize")
-                for space in spaces}
+        return {space.name: reduce_parameters(space, vectors, self.grouping) for space in spaces}
 
     def _backward(self, model, batches, wanted, consume, per_example: bool) -> None:
         """Backward passes over ``batches``; ``consume(name, weight, grad)`` sees each wanted gradient once."""
@@ -199,6 +200,14 @@ class TaylorEstimator:
 
 
 ACTIVATION_METRICS = ("IFV", "WIFV", "WIFN", "wanda_sp", "mag_sp")
+FLUCTUATION_METRICS = ("IFV", "WIFV", "WIFN")  # FLAP's own
+HEAD_KINDS = ("heads", "kv_heads")
+
+
+def _standardized_columns(values: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over all columns of one linear (FLAP standardizes each layer's metric this way)."""
+    std = values.std(ddof=1) if values.size > 1 else 0.0
+    return (values - values.mean()) / (std if std > 0 else 1.0)
 
 
 @dataclass
@@ -212,7 +221,14 @@ class ActivationEstimator:
     """
 
     metric: str = "WIFV"
+    # True: scores comparable across spaces (for every structure but UL-UM): each linear's column scores are
+    # standardized over its columns, then averaged per element, as FLAP's AL-MM / AL-AM do.
+    standardize_columns: bool = False
     statistics: dict | None = None  # kept after scoring, for bias compensation
+
+    @property
+    def comparable_across_spaces(self) -> bool:
+        return self.standardize_columns
 
     @property
     def name(self) -> str:
@@ -244,8 +260,16 @@ class ActivationEstimator:
             vectors = {}
             for module_name in layers[space.name]:
                 weight = graph.model.get_submodule(module_name).weight.detach().double().cpu()
-                vectors[(f"{module_name}.weight", 1)] = self._column_scores(weight, (statistics or {}).get(module_name))
+                columns = self._column_scores(weight, (statistics or {}).get(module_name))
+                if space.kind in HEAD_KINDS and self.metric in FLUCTUATION_METRICS:
+                    columns = columns ** 2  # FLAP squares the metric of the attention output's columns
+                if self.standardize_columns:
+                    columns = _standardized_columns(columns)
+                vectors[(f"{module_name}.weight", 1)] = columns
             out[space.name] = reduce_parameters(space, vectors, "sum")
+            if self.standardize_columns:  # the mean over an element's columns, not their sum
+                positions = {key: np.ones_like(value) for key, value in vectors.items()}
+                out[space.name] = out[space.name] / np.maximum(reduce_parameters(space, positions, "sum"), 1)
         return out
 
     def _column_scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> np.ndarray:

@@ -9,8 +9,9 @@ inputs the already compressed layers before it produce.
 - Attention: for every key-value head, the covariance of its value outputs, C = W_v E[x x^T] W_v^T, is
   diagonalized; v_proj rows and the o_proj columns of the query heads that read them are rotated into that
   basis (exact), and the weakest directions are removed through the graph's value-dimension space.
-- MLP: channels ranked by E[h_j^2] ||W_down[:, j]||^2; down_proj is refitted on the kept channels by least
-  squares, W' = W C[:, S] C[S, S]^-1 with C = E[h h^T] of its inputs.
+- MLP: channels ranked by their ridge leverage, diag(C (C + I)^-1) with C = sum of h h^T over the calibration
+  tokens (FLAT-LLM's score); down_proj is refitted on the kept channels by least squares,
+  W' = W C[:, S] C[S, S]^-1.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def importance_preserving_ratios(importance: np.ndarray, sizes: np.ndarray, keep
         ratios[over] = 1.0
         remaining -= float(sizes[over].sum())
         free &= ~over
+
+
+def ridge_leverage(gram: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
+    """diag(C (C + ridge I)^-1) for C = sum of h h^T over calibration tokens: FLAT-LLM's MLP channel score."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge * eye, gram).diagonal()  # C and (C + rI)^-1 commute
 
 
 def _value_rotation(values: nn.Linear, first_row: int, output: nn.Linear, second_moment: torch.Tensor, count: int,
@@ -123,12 +130,13 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, at
         if keep_dims < head_dim:
             remove[graph.in_layer(index, "head_dim").name] = list(range(keep_dims, head_dim))
     refit = None
-    if mlp_too:  # keep the channels with the most output energy and refit down_proj on them
+    if mlp_too:  # keep the channels with the largest ridge leverage and refit down_proj on them
         width = rule.mlp_width(layer)
         keep_channels = max(1, int(round(ratio * width)))
-        moment = stats["down"].second_moment.double() / max(stats["down"].count, 1)
-        energy = moment.diagonal() * down.weight.detach().double().pow(2).sum(0).cpu()
-        kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:keep_channels])
+        gram = stats["down"].second_moment.double()
+        moment = gram / max(stats["down"].count, 1)
+        leverage = ridge_leverage(gram)
+        kept = np.sort(np.argsort(-leverage.numpy(), kind="stable")[:keep_channels])
         if keep_channels < width:
             remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
             kept_t = torch.as_tensor(kept)

@@ -84,7 +84,8 @@ METHODS: dict[str, Method] = {
     ),
     "flap": Method(
         "FLAP: fluctuation of o_proj/down_proj inputs, bias compensation (--structure AL-AM for its adaptive ranking)",
-        lambda s: ActivationEstimator(s.metrics), "UL-UM", True, lambda s: s.nsamples,
+        lambda s: ActivationEstimator(s.metrics, standardize_columns=(s.structure or "UL-UM") != "UL-UM"),
+        "UL-UM", True, lambda s: s.nsamples,
     ),
     "wanda_sp": Method("Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"),
                        "UL-UM", False, lambda s: s.nsamples),
@@ -213,7 +214,9 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     if settings.remove_heads >= 0 and budget:
         plan = _fixed_heads_plan(graph, spaces, scores, removable, settings)
     else:
-        plan = allocate(graph, spaces, scores, removable, structure, settings.round_to) if budget else Plan()
+        standardize = not getattr(estimator, "comparable_across_spaces", False)
+        plan = allocate(graph, spaces, scores, removable, structure, settings.round_to,
+                        standardize=standardize) if budget else Plan()
     tick = time.perf_counter()
     if use_bias and not plan.is_empty():
         statistics = getattr(estimator, "statistics", None)
