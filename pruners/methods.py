@@ -228,17 +228,22 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
 
 def _fixed_heads_plan(graph: DependencyGraph, spaces: list[Space], scores: dict[str, np.ndarray], budget: int,
                       settings: PruneSettings) -> Plan:
-    """FLAP's --remove_heads: the same number of (weakest) heads out of every attention, the rest from MLPs."""
+    """FLAP's --remove_heads: the same number of (weakest) query heads out of every attention, the rest of the
+    budget from the MLPs. Under --gqa_policy kv_heads they go as whole key-value groups with their query heads."""
     from pruners.allocation import units_of
 
     remove: dict[str, list[int]] = {}
     spent = 0
     for space in (s for s in spaces if s.kind in ("heads", "kv_heads")):
         units = units_of(space, scores[space.name], graph.layer_of(space))
-        per_unit = len(units[0].elements) if units else 1
+        queries_per_element = 1
+        if space.kind == "kv_heads":  # one kv group takes its query heads with it
+            queries_per_element = graph.in_layer(graph.layer_of(space), "heads").size // space.size
+        per_unit = (len(units[0].elements) if units else 1) * queries_per_element
         if settings.remove_heads % per_unit:
-            raise ValueError(f"--remove_heads {settings.remove_heads} cannot be split evenly over the "
-                             f"{per_unit} key-value groups of {space.module}: use a multiple of {per_unit}")
+            what = "query heads of a key-value group" if space.kind == "kv_heads" else "key-value groups"
+            raise ValueError(f"--remove_heads {settings.remove_heads} cannot be split evenly over the {per_unit} "
+                             f"{what} of {space.module}: use a multiple of {per_unit}")
         chosen = units[: settings.remove_heads // per_unit]
         if len(chosen) < settings.remove_heads // per_unit:
             raise ValueError(f"--remove_heads {settings.remove_heads} would leave {space.module} without heads")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import subprocess
 import sys
@@ -293,3 +294,15 @@ def test_channel_wise_on_untied_models_scores_lm_head_on_its_true_inputs(arch, m
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert model.config.hidden_size < COMMON["hidden_size"] and abs(report.achieved_ratio - 0.1) < 0.03
     assert torch.isfinite(model(input_ids=batches).logits).all()
+
+
+def test_remove_heads_counts_query_heads_under_the_kv_policy(batches):
+    """--remove_heads N takes N query heads per layer under both policies (kv_heads: N / group size groups)."""
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="flap", pruning_ratio=0.3, nsamples=6, sublayer="self_attn,mlp",
+                             remove_heads=3, gqa_policy="kv_heads")
+    report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    assert [s["num_attention_heads"] for s in report.layer_shapes] == [COMMON["num_attention_heads"] - 3] * 3
+    assert [s["num_key_value_heads"] for s in report.layer_shapes] == [COMMON["num_key_value_heads"] - 1] * 3
+    with pytest.raises(ValueError, match="multiple of 3"):
+        prune_model(tiny_model("llama"), None, replace(settings, remove_heads=2), log=lambda _: None, batches=batches)
