@@ -1,6 +1,7 @@
 """Prune a causal LM structurally: ``python hf_prune.py --pruning_ratio 0.2``.
 
-A thin command line over ``pruners.prune_model``: load, measure, prune, measure again, save.
+A thin command line over ``pruners.prune_model``: check every flag and the output, load, measure, prune,
+measure again, save. Bad input is one ``error:`` line on stderr and exit code 2, before any measuring.
 """
 from __future__ import annotations
 
@@ -9,15 +10,42 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
-from depgraph import InvalidPlan, MissingArchitectureRule, rule_for
+from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS
+from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_for
 from evaluation import perplexity
-from modelio import DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
+from modelio import (DEFAULT_MODEL, LowRankLinear, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
+                     save_model)
+from modelio.load import resolve_model_path
+from modelio.save import check_save_target, check_writable
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
+from pruners.allocation import STRUCTURES
+from pruners.checks import FLAP_METRICS, MLP_COMPRESS_METHODS, PRUNER_TYPES, SUBLAYERS, check_numbers, preflight
+from pruners.estimators import ACTIVATION_METRICS, GROUPING, TAYLOR_MODES
+from pruners.lowrank import DECOMPOSITIONS
 from pruners.methods import validate_ratio
+
+ERRORS = (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, MissingOpRule, InvalidPlan, UnsafeSaveError,
+          ValueError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line (exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        """One line naming the flag and the allowed values, then exit code 2."""
+        fail(message)
+        self.exit(2)
+
+
+def fail(message: object) -> int:
+    """Print one ``error:`` line on stderr; the exit code of bad input."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 def str_to_bool(text: str) -> bool:
@@ -30,38 +58,77 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got '{text}'")
 
 
+def comma_list(allowed: tuple[str, ...], flag: str):
+    """An argparse type: a comma list whose every item is one of ``allowed`` (kept as a comma string)."""
+    def parse(text: str) -> str:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: {flag} takes a comma list of "
+                                             f"{', '.join(allowed)}")
+        return ",".join(items)
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag, with its allowed values (from the library's own constants) and its default."""
     defaults = PruneSettings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base_model", default=DEFAULT_MODEL,
-                        help="embedded model name, local folder or hub id")
+    parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base_model", default=DEFAULT_MODEL, help="embedded model name, local folder or hub id")
     parser.add_argument("--pruning_ratio", type=float, default=defaults.pruning_ratio,
                         help="fraction of ALL parameters to remove (embeddings included, tied weights once)")
-    parser.add_argument("--prune_method", choices=sorted(METHODS), default=defaults.prune_method)
-    parser.add_argument("--pruner_type", default=defaults.pruner_type, help="llm_pruner: random|l1|l2|taylor")
-    parser.add_argument("--taylor", default=defaults.taylor, help="vectorize|param_first|param_second|param_mix")
-    parser.add_argument("--grouping_strategy", default=defaults.grouping_strategy, help="sum|mean|max|prod")
-    parser.add_argument("--metrics", default=defaults.metrics, help="flap: IFV|WIFV|WIFN")
-    parser.add_argument("--structure", default=None, help="UL-UM|UL-MM|AL-MM|AL-AM (None: the method's)")
+    parser.add_argument("--prune_method", choices=sorted(METHODS), default=defaults.prune_method,
+                        help="estimator and action (see the README's method table)")
+    _estimator_flags(parser, defaults)
+    _lorap_flags(parser, defaults)
+    _selection_flags(parser, defaults)
+    _data_flags(parser, defaults)
+    _output_flags(parser)
+    return parser
+
+
+def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
+    """How elements are scored and how the budget spreads."""
+    parser.add_argument("--pruner_type", choices=PRUNER_TYPES, default=defaults.pruner_type,
+                        help="llm_pruner: importance estimator")
+    parser.add_argument("--taylor", choices=TAYLOR_MODES, default=defaults.taylor, help="llm_pruner: Taylor order")
+    parser.add_argument("--grouping_strategy", choices=tuple(GROUPING), default=defaults.grouping_strategy,
+                        help="llm_pruner: how the scores of a group's parameters combine")
+    parser.add_argument("--metrics", choices=FLAP_METRICS, default=defaults.metrics, help="flap: fluctuation metric")
+    parser.add_argument("--structure", choices=STRUCTURES, default=None,
+                        help="how the budget spreads over layers and modules (None: the method's, UL-UM)")
     parser.add_argument("--remove_heads", type=int, default=-1,
-                        help="remove this many query heads from every selected attention, the rest of the budget "
-                             "from the MLPs (-1: allocate heads by score)")
+                        help="flap and the other pruning methods: remove this many query heads from every selected "
+                             "attention (--sublayer self_attn,mlp) and the rest of the budget from the MLPs; with "
+                             "--gqa_policy query_heads as many from every key-value group (a multiple of the groups), "
+                             "with kv_heads as whole key-value groups (a multiple of the group size) "
+                             "(-1: allocate heads by score)")
     parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
                         help="fold removed channels' mean input into a bias (None: the method's)")
-    parser.add_argument("--sublayer", default=None,
-                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (None: the method's, "
-                             "mlp for the pruning methods, both for lorap and flatllm)")
-    parser.add_argument("--deco_method", default=defaults.deco_method, help="lorap: AWSVD|AFM|SVD")
+
+
+def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
+    """LoRAP's factorization."""
+    parser.add_argument("--deco_method", choices=DECOMPOSITIONS, default=defaults.deco_method,
+                        help="lorap: attention factorization")
     parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
                         help="lorap: rank of v/o relative to q/k")
-    parser.add_argument("--mlp_compress_method", default=defaults.mlp_compress_method, help="lorap: prune|decom")
-    parser.add_argument("--mlp_metric", default=defaults.mlp_metric,
-                        help="lorap: MLP channel importance when pruning (wanda_sp|IFV|WIFV|WIFN|mag_sp)")
+    parser.add_argument("--mlp_compress_method", choices=MLP_COMPRESS_METHODS, default=defaults.mlp_compress_method,
+                        help="lorap: prune MLP channels or factorize the MLP")
+    parser.add_argument("--mlp_metric", choices=ACTIVATION_METRICS, default=defaults.mlp_metric,
+                        help="lorap: MLP channel importance when pruning")
     parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
                         help="lorap: True keeps the two factors (smaller model), False the dense product")
+
+
+def _selection_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
+    """What is compressed: sub-layers, mode, GQA policy, layer ranges."""
+    parser.add_argument("--sublayer", type=comma_list(SUBLAYERS, "--sublayer"), default=None,
+                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (None: the method's, "
+                             "mlp for the pruning methods, both for lorap and flatllm)")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--block_wise", dest="mode", action="store_const", const="block", default=argparse.SUPPRESS,
-                       help="prune attention heads and MLP channels (default)")
+                       help="prune attention heads and MLP channels (the default mode)")
     modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel", default=argparse.SUPPRESS,
                        help="prune the hidden (residual) width")
     modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer", default=argparse.SUPPRESS,
@@ -69,35 +136,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
                         help="remove query heads evenly inside every kv group, or whole kv groups")
     for block in ("attention", "mlp"):
-        parser.add_argument(f"--block_{block}_layer_start", type=int, default=0)
+        parser.add_argument(f"--block_{block}_layer_start", type=int, default=0,
+                            help=f"first layer whose {block} is compressed")
         parser.add_argument(f"--block_{block}_layer_end", type=int, default=None,
-                            help="exclusive (None: the number of layers)")
-    parser.add_argument("--calibration", default=defaults.calibration, help="bookcorpus|wikitext2|c4|alpaca")
+                            help=f"layer after the last whose {block} is compressed (None = number of layers)")
+    parser.add_argument("--round_to", type=int, default=1, help="keep MLP widths multiples of this")
+
+
+def _data_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
+    """Calibration, evaluation, data and device."""
+    parser.add_argument("--calibration", choices=CALIBRATION_SETS, default=defaults.calibration,
+                        help="calibration corpus")
     parser.add_argument("--nsamples", type=int, default=defaults.nsamples, help="calibration windows (activations)")
     parser.add_argument("--num_examples", type=int, default=defaults.num_examples,
                         help="calibration windows (gradients)")
-    parser.add_argument("--seq_len", type=int, default=defaults.seq_len)
-    parser.add_argument("--round_to", type=int, default=1, help="keep MLP widths multiples of this")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="folder laid out like shared/data (else $STRUCTPRUNE_DATA)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--save_model", default=None, help="folder to write the pruned model to")
-    parser.add_argument("--test_before_train", type=str_to_bool, default=True, help="measure before pruning")
-    parser.add_argument("--test_after_train", type=str_to_bool, default=True, help="measure after pruning")
-    parser.add_argument("--eval_datasets", default="wikitext2", help="comma list of wikitext2,ptb,c4")
-    parser.add_argument("--max_tokens", type=int, default=32768, help="evaluate on this prefix of each test set")
+    parser.add_argument("--seq_len", type=int, default=defaults.seq_len,
+                        help="tokens per calibration and evaluation window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and random pruning")
+    parser.add_argument("--data_dir", default=None,
+                        help=f"folder laid out like shared/data; None: ${ENV_VAR}, else ../shared/data beside the "
+                             "project, else the Hugging Face hubs")
+    parser.add_argument("--device", default="cpu", help="torch device to prune and evaluate on (cpu, cuda, cuda:1)")
+    parser.add_argument("--test_before_train", type=str_to_bool, default=True,
+                        help="measure perplexity before pruning (False skips one evaluation pass)")
+    parser.add_argument("--test_after_train", type=str_to_bool, default=True, help="measure perplexity after pruning")
+    parser.add_argument("--eval_datasets", type=comma_list(EVALUATION_SETS, "--eval_datasets"), default="wikitext2",
+                        help=f"comma list of {','.join(EVALUATION_SETS)}")
+    parser.add_argument("--max_tokens", type=int, default=32768,
+                        help="evaluate on this prefix of each test set (fewer: a faster, rougher measure)")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    """Where results go."""
+    parser.add_argument("--save_model", default=None, help="folder to write the pruned model to (None: not saved)")
+    parser.add_argument("--overwrite", type=str_to_bool, nargs="?", const=True, default=False,
+                        help="replace an existing, non-empty --save_model folder")
     parser.add_argument("--plot", default=None, help="PNG of the kept fraction per layer")
     parser.add_argument("--report", default=None, help="JSON file for the figures of this run")
-    return parser
 
 
 def settings_from(args: argparse.Namespace) -> PruneSettings:
+    """The PruneSettings the flags spell out."""
     fields = PruneSettings.__dataclass_fields__
     # absent flags (the mode, when no --*_wise is given) keep PruneSettings' defaults
     return PruneSettings(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
 
 
 def measure(model, tokenizer, args) -> dict[str, float]:
+    """Perplexity on every --eval_datasets set."""
     figures = {}
     for dataset in [d for d in args.eval_datasets.split(",") if d]:
         figures[dataset] = perplexity(model, tokenizer, dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -105,30 +191,58 @@ def measure(model, tokenizer, args) -> dict[str, float]:
     return figures
 
 
-def _ranks(layer: torch.nn.Module) -> str:
-    """q/k/v/o ranks of a factorized attention ("-" where a projection stayed dense)."""
-    attention = getattr(layer, "self_attn", None)
-    if attention is None:
-        return ""
-    ranks = [getattr(getattr(attention, name, None), "rank", None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    return "/".join("-" if r is None else str(r) for r in ranks)
+def rounded(figures: dict[str, float]) -> str:
+    """``wikitext2 56.35, ptb 91.20``: perplexities as a person reads them."""
+    return ", ".join(f"{name} {value:.2f}" for name, value in figures.items())
+
+
+def _projections(attention: torch.nn.Module, output: str) -> dict[str, torch.nn.Module]:
+    """The dense or factorized linear children of one attention module (q/k/v, Phi-3's qkv...), the
+    ``output`` projection (o_proj) last."""
+    found = {name: child for name, child in attention.named_children()
+             if isinstance(child, (torch.nn.Linear, LowRankLinear))}
+    return dict(sorted(found.items(), key=lambda item: item[0] == output))
+
+
+def _ranks(projections: dict[str, torch.nn.Module]) -> str:
+    """Ranks of an attention's projections, "-" where a projection stayed dense."""
+    return "/".join(str(m.rank) if isinstance(m, LowRankLinear) else "-" for m in projections.values())
+
+
+RANK_LEGEND = "rank: the rank of each factorized attention projection; - = that projection is still dense"
 
 
 def layer_table(report, original: dict, model=None) -> str:
-    layers = list(rule_for(model).decoder_layers(model)) if model is not None else []
-    ranks = [_ranks(layer) for layer in layers]
+    """One row per layer: kept heads and MLP width, and the attention ranks where any was factorized."""
+    rule = rule_for(model) if model is not None else None
+    layers = rule.decoder_layers(model) if rule else []
+    projections = [_projections(layer.get_submodule(rule.attention), rule.output) for layer in layers]
+    ranks = [_ranks(found) for found in projections]
     lowrank = any(r.strip("-/") for r in ranks)
-    header = "layer | q heads | kv heads | MLP width" + (" | q/k/v/o rank" if lowrank else "")
+    names = "/".join(n.removesuffix("_proj") for n in projections[0]) if projections else ""
+    header = "layer | q heads | kv heads | MLP width" + (f" | {names} rank" if lowrank else "")
     lines = [header, "---|---|---|---" + ("|---" if lowrank else "")]
     for index, shape in enumerate(report.layer_shapes):
         row = (f"{index} | {shape['num_attention_heads']}/{original['num_attention_heads']} | "
                f"{shape['num_key_value_heads']}/{original['num_key_value_heads']} | "
                f"{shape['intermediate_size']}/{original['intermediate_size']}")
         lines.append(row + (f" | {ranks[index]}" if lowrank else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + ([RANK_LEGEND] if lowrank else []))
+
+
+def load_hint(folder: Path) -> str:
+    """The exact line that loads what was saved: plain transformers, or the pruned classes' remote code."""
+    config = json.loads((folder / "config.json").read_text())
+    where = repr(str(folder))
+    if not str(config.get("model_type", "")).startswith("pruned_"):
+        return f"load with AutoModelForCausalLM.from_pretrained({where}) and AutoTokenizer.from_pretrained({where})"
+    return (f"load with modelio.load_model({where}) and modelio.load_tokenizer({where}); without this project, "
+            f"AutoModelForCausalLM.from_pretrained({where}, trust_remote_code=True) and "
+            f"AutoTokenizer.from_pretrained({where}, trust_remote_code=True)")
 
 
 def plot_kept(report, original: dict, path: str) -> None:
+    """Bar chart of the kept fraction of heads and MLP channels per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,47 +264,98 @@ def plot_kept(report, original: dict, path: str) -> None:
     plt.close(fig)
 
 
+def check_flags(args: argparse.Namespace, settings: PruneSettings) -> None:
+    """What the flags alone can refuse: numbers, the device, the data directory."""
+    validate_ratio(settings.pruning_ratio)
+    check_numbers(settings)
+    measuring = (args.test_before_train or args.test_after_train) and args.eval_datasets
+    if measuring and args.max_tokens < args.seq_len:
+        raise ValueError(f"--max_tokens {args.max_tokens} is less than one window of --seq_len {args.seq_len}: "
+                         f"raise --max_tokens")
+    _check_device(args.device)
+    resolve_data_dir(args.data_dir)  # a wrong --data_dir fails before the model loads
+
+
+def _check_device(name: str) -> None:
+    """A torch device that exists here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name} is not a torch device: use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here: use --device cpu")
+
+
+def check_outputs(args: argparse.Namespace, source: str) -> None:
+    """The save folder (not the input, empty or --overwrite, writable) and the --plot / --report files."""
+    if args.save_model:
+        check_save_target(args.save_model, (source, args.base_model), args.overwrite)
+    for flag, path in (("--plot", args.plot), ("--report", args.report)):
+        if path and Path(path).expanduser().is_dir():
+            raise UnsafeSaveError(f"{flag} {path} is a folder: name a file")
+        if path:
+            check_writable(Path(path).expanduser().absolute().parent, flag)
+
+
+def _write_file(path: str) -> Path:
+    """``path``, with its folder created (checked writable before the run)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Check everything, then load, measure, prune, measure, save. Returns the exit code."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         settings = settings_from(args)
-        validate_ratio(settings.pruning_ratio)
-        resolve_data_dir(args.data_dir)  # a wrong --data_dir fails before the model loads
+        check_flags(args, settings)
+        check_outputs(args, resolve_model_path(args.base_model))
         model, tokenizer = load_model_and_tokenizer(args.base_model, device=args.device)
-        original = {k: getattr(model.config, k) for k in
-                    ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
-        results: dict = {"settings": vars(args), "params_before": count_parameters(model)}
-        print(f"loaded {args.base_model}: {results['params_before']:,} parameters")
-        if args.test_before_train:
-            results["ppl_before"] = measure(model, tokenizer, args)
-            print(f"before: {results['ppl_before']}")
-        report = prune_model(model, tokenizer, settings)
-        print(report.summary())
-        print(layer_table(report, original, model))
-        results.update(params_after=report.params_after, asked_ratio=report.asked_ratio,
-                       achieved_ratio=report.achieved_ratio, seconds=report.seconds, stages=report.stages,
-                       layer_shapes=report.layer_shapes)
-        if args.test_after_train:
-            results["ppl_after"] = measure(model, tokenizer, args)
-            print(f"after: {results['ppl_after']}")
-        if args.plot:
-            plot_kept(report, original, args.plot)
-            print(f"plot: {args.plot}")
-        if args.save_model:
-            where = save_model(model, tokenizer, args.save_model, source=args.base_model)
-            print(f"saved to {where} (load with modelio.load_model or AutoModelForCausalLM.from_pretrained)")
-        if args.report:
-            Path(args.report).write_text(json.dumps(results, indent=2, default=str))
-    except (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, InvalidPlan, UnsafeSaveError,
-            ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        preflight(model, settings)  # the architecture, the layer ranges and the budget, before any measuring
+        run(model, tokenizer, args, settings)
+    except ERRORS as error:
+        return fail(error)
     return 0
 
 
-if __name__ == "__main__":
+def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> None:
+    """The expensive part, once every check has passed."""
+    original = {k: getattr(model.config, k)
+                for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+    results: dict = {"settings": vars(args), "params_before": count_parameters(model)}
+    print(f"loaded {args.base_model}: {results['params_before']:,} parameters")
+    if args.test_before_train:
+        results["ppl_before"] = measure(model, tokenizer, args)
+        print(f"before: {rounded(results['ppl_before'])}")
+    report = prune_model(model, tokenizer, settings)
+    print(report.summary())
+    print(layer_table(report, original, model))
+    results.update(params_after=report.params_after, asked_ratio=report.asked_ratio,
+                   achieved_ratio=report.achieved_ratio, seconds=report.seconds, stages=report.stages,
+                   layer_shapes=report.layer_shapes)
+    if args.test_after_train:
+        results["ppl_after"] = measure(model, tokenizer, args)
+        print(f"after: {rounded(results['ppl_after'])}")
+    if args.plot:
+        plot_kept(report, original, str(_write_file(args.plot)))
+        print(f"plot: {args.plot}")
+    if args.save_model:
+        where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model)
+        print(f"saved to {where}; {load_hint(where)}")
+    if args.report:
+        _write_file(args.report).write_text(json.dumps(results, indent=2, default=str))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` plus the total time, printed only when the run succeeded."""
     start = time.perf_counter()
-    code = main()
-    print(f"done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    sys.exit(code)
+    code = main(argv)
+    if code == 0:
+        print(f"done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

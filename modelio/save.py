@@ -20,7 +20,15 @@ from modelio.pruned import pruned_classes, render_sources
 
 
 class UnsafeSaveError(ValueError):
-    pass
+    """The folder cannot or must not be written (the input model, a non-empty folder, a read-only place)."""
+
+
+try:  # the strict-dataclass config validators of transformers 5 raise these
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs raise ValueError themselves
+    StrictDataclassError = ValueError
+
+_VALIDATION_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 
 def _reference_shapes(config) -> dict[str, tuple[int, int, bool]]:
@@ -42,7 +50,7 @@ def _plain_config_is_valid(config) -> bool:
     fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
     try:
         CONFIG_MAPPING[base_type](**fields)
-    except Exception:  # noqa: BLE001 - strict-dataclass validation errors derive from several bases
+    except _VALIDATION_ERRORS:
         return False
     return True
 
@@ -98,17 +106,35 @@ def _attention_attributes(module: nn.Module, config) -> dict:
     return recorded
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(folder: Path) -> None:
+    """Give ``folder`` and its files the modes a plain mkdir / open would (mkdtemp and safetensors use 0700 /
+    0600, which would hide the model from other users whatever the umask says)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
     On any error the temporary folder is removed and ``target`` is left as it was: a folder is either
-    complete or absent.
+    complete or absent. The published folder has the umask's usual modes.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
+        _publish_modes(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -117,11 +143,51 @@ def staged_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _same_place(a: Path, b: Path) -> bool:
+def _overlaps(target: Path, origin: Path) -> bool:
+    """Whether writing ``target`` would write over, into or above the folder ``origin``."""
     try:
-        return a.resolve() == b.resolve()
+        a, b = target.resolve(), origin.resolve()
     except OSError:
         return False
+    return a == b or a in b.parents or b in a.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: str | os.PathLike, what: str = "--save_model") -> None:
+    """Refuse, before any work, a place where ``folder`` cannot be created: a file on the way, no permission."""
+    existing = _nearest_existing(Path(folder).expanduser().absolute())
+    if not existing.is_dir():
+        raise UnsafeSaveError(f"cannot create {folder}: {existing} is a file, not a folder: choose another {what}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".structprune-write-check-", dir=existing))
+    except OSError as error:
+        raise UnsafeSaveError(f"cannot write under {existing} ({error.strerror or type(error).__name__}): "
+                              f"choose another {what}") from None
+
+
+def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = False) -> Path:
+    """The folder ``save_model`` would write, or an UnsafeSaveError naming the fix; writes nothing.
+
+    ``sources`` are the places the model came from (never written over, into or above).
+    """
+    target = Path(path).expanduser()
+    for origin in (Path(str(s)).expanduser() for s in sources if s):
+        if origin.exists() and _overlaps(target, origin):
+            raise UnsafeSaveError(f"refusing to write {target} over, into or above the input model at {origin}: "
+                                  f"choose another --save_model")
+    if target.exists() and not target.is_dir():
+        raise UnsafeSaveError(f"{target} is a file, not a folder: choose another --save_model")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder, or pass --overwrite "
+                              f"(overwrite=True from Python) to replace it")
+    check_writable(target.parent)
+    return target
 
 
 def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overwrite: bool = False,
@@ -129,44 +195,71 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     """Write ``model`` (safetensors) and ``tokenizer`` to ``path`` atomically.
 
     The folder appears complete or not at all. It never replaces the folder the model was loaded from, and
-    replaces another existing folder only with ``overwrite=True``.
+    replaces another existing folder only with ``overwrite=True``. Every failure is an UnsafeSaveError.
     """
-    target = Path(path).expanduser()
-    origin = source or getattr(model.config, "_name_or_path", None)
-    if origin and Path(str(origin)).exists() and _same_place(target, Path(str(origin))):
-        raise UnsafeSaveError(f"refusing to write over the input model at {target}: choose another --save_model")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder or pass overwrite=True")
-    with staged_folder(target) as staging:
-        shapes, attributes, lowrank = heterogeneous_description(model)
-        config = model.config
-        if shapes or lowrank or attributes or not _plain_config_is_valid(config):
-            base_type = config.model_type.removeprefix("pruned_")
-            config_class, _ = pruned_classes(base_type)
-            fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
-            fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes, pruned_lowrank=lowrank)
-            saved_config = config_class(**fields)
-            saved_config.auto_map = {
-                "AutoConfig": f"configuration_pruned.{config_class.__name__}",
-                "AutoModelForCausalLM": f"modeling_pruned.{config_class.__name__.replace('Config', 'ForCausalLM')}",
-            }
-            configuration, modeling = render_sources(base_type)
-            (staging / "configuration_pruned.py").write_text(configuration)
-            (staging / "modeling_pruned.py").write_text(modeling)
-            (staging / "lowrank.py").write_text(Path(lowrank_module.__file__).read_text())
-            (staging / "attention.py").write_text(Path(attention_module.__file__).read_text())
-        else:
-            saved_config = config
-            if hasattr(saved_config, "layer_shapes"):
-                saved_config.layer_shapes = None
-        original = model.config
-        model.config = saved_config
-        try:
-            model.save_pretrained(staging, safe_serialization=True)
-        finally:
-            model.config = original
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        config_path = staging / "config.json"
-        json.loads(config_path.read_text())  # a config that does not parse must never be published
+    target = check_save_target(path, (source, getattr(model.config, "_name_or_path", None)), overwrite)
+    try:
+        with staged_folder(target) as staging:
+            _write_folder(model, tokenizer, staging)
+    except OSError as error:  # a full disk, a permission changed meanwhile: one line, no temporary path
+        raise UnsafeSaveError(f"could not write the model to {target} ({error.strerror or type(error).__name__}): "
+                              f"check the free space and permissions, or choose another --save_model") from error
     return target
+
+
+def _pruned_config(config, shapes: dict, attributes: dict, lowrank: dict):
+    """A ``pruned_<base>`` config recording every resized module, with its auto_map."""
+    base_type = config.model_type.removeprefix("pruned_")
+    config_class, _ = pruned_classes(base_type)
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
+    fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes, pruned_lowrank=lowrank,
+                  layer_shapes=getattr(config, "layer_shapes", None))
+    saved_config = config_class(**fields)
+    saved_config.auto_map = {
+        "AutoConfig": f"configuration_pruned.{config_class.__name__}",
+        "AutoModelForCausalLM": f"modeling_pruned.{config_class.__name__.replace('Config', 'ForCausalLM')}",
+    }
+    return saved_config
+
+
+def _write_sources(staging: Path, base_type: str) -> None:
+    """The remote code a pruned config names, so plain transformers loads it with trust_remote_code=True."""
+    configuration, modeling = render_sources(base_type)
+    (staging / "configuration_pruned.py").write_text(configuration)
+    (staging / "modeling_pruned.py").write_text(modeling)
+    (staging / "lowrank.py").write_text(Path(lowrank_module.__file__).read_text())
+    (staging / "attention.py").write_text(Path(attention_module.__file__).read_text())
+
+
+def _write_folder(model: PreTrainedModel, tokenizer, staging: Path) -> None:
+    """Weights, config (plain, or pruned with its code) and tokenizer into ``staging``."""
+    shapes, attributes, lowrank = heterogeneous_description(model)
+    config = model.config
+    architecture = None
+    if shapes or lowrank or attributes or not _plain_config_is_valid(config):
+        base_type = config.model_type.removeprefix("pruned_")
+        saved_config = _pruned_config(config, shapes, attributes, lowrank)
+        architecture = pruned_classes(base_type)[1].__name__
+        _write_sources(staging, base_type)
+    else:
+        saved_config = config
+    model.config = saved_config
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+    finally:
+        model.config = config
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    _finish_config(staging / "config.json", architecture, getattr(config, "layer_shapes", None))
+
+
+def _finish_config(path: Path, architecture: str | None, layer_shapes: list | None) -> None:
+    """Name the class that loads a pruned folder, and keep ``layer_shapes`` only when layers differ."""
+    data = json.loads(path.read_text())  # a config that does not parse must never be published
+    if architecture:
+        data["architectures"] = [architecture]  # save_pretrained wrote the in-memory (base) class
+    if layer_shapes:
+        data["layer_shapes"] = layer_shapes
+    else:
+        data.pop("layer_shapes", None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,8 +1,13 @@
 """hf_prune.py as a user runs it: flags, bad input, the input folder untouched, the output loadable."""
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +30,43 @@ def tiny_folder(tmp_path_factory) -> Path:
     return save_model(LlamaForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    """A tiny model of an architecture without a rule (GPT-2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _byte_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    folder = tmp_path_factory.mktemp("models") / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Perplexity, calibration, pruning and saving raise if called: bad input must be refused before them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("expensive work ran before the bad input was refused")
+
+    for name in ("perplexity", "prune_model", "save_model"):
+        monkeypatch.setattr(hf_prune, name, refuse)
+    monkeypatch.setattr("pruners.methods.calibration_batches", refuse)
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """Run the CLI on ``argv``: exit code 2, exactly one ``error:`` line, no traceback. Returns that line."""
+    try:
+        code = hf_prune.cli(argv)
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err and "done in" not in err, err
+    return errors[0]
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -40,14 +82,18 @@ def test_booleans_mean_what_they_say():
 def test_prune_a_folder_end_to_end(tiny_folder, tmp_path, capsys):
     before = _digest(tiny_folder)
     out = tmp_path / "pruned"
-    code = hf_prune.main([
+    code = hf_prune.cli([
         "--base_model", str(tiny_folder), "--prune_method", "wanda_sp", "--pruning_ratio", "0.2",
         "--sublayer", "self_attn,mlp", "--nsamples", "4", "--seq_len", "32", "--max_tokens", "256",
         "--save_model", str(out), "--plot", str(tmp_path / "kept.png"), "--report", str(tmp_path / "run.json"),
     ])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0, printed
-    assert "removed" in printed and "asked 20.00%" in printed and "before:" in printed and "after:" in printed
+    assert "removed" in printed and "asked" in printed and "20.00%" in printed
+    assert re.search(r"^before: wikitext2 \d+\.\d\d$", printed, re.M), printed  # rounded, not a raw dict
+    assert re.search(r"^after: wikitext2 \d+\.\d\d$", printed, re.M), printed
+    assert "done in" in captured.err
     assert _digest(tiny_folder) == before, "the input model must never be written"
     model = load_model(out)
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in load_model(tiny_folder).parameters())
@@ -61,7 +107,7 @@ def test_prune_a_folder_end_to_end(tiny_folder, tmp_path, capsys):
     (["--base_model", "no-such-model"], "unknown model"),
     (["--data_dir", "/no/such/dir"], "--data_dir"),
 ])
-def test_bad_input_is_one_clear_line(argv, message, capsys, tiny_folder):
+def test_bad_input_is_one_clear_line(argv, message, capsys, tiny_folder, no_heavy_work):
     if "--base_model" not in argv:
         argv = argv + ["--base_model", str(tiny_folder)]
     code = hf_prune.main(argv + ["--test_before_train", "False"])
@@ -73,3 +119,163 @@ def test_saving_over_the_input_is_refused(tiny_folder, capsys):
     code = hf_prune.main(["--base_model", str(tiny_folder), "--prune_method", "mag_sp", "--save_model",
                           str(tiny_folder), "--test_before_train", "False", "--test_after_train", "False"])
     assert code == 2 and "input model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--metrics", "foo"], "--metrics"),
+    (["--deco_method", "FOO"], "--deco_method"),
+    (["--pruner_type", "foo"], "--pruner_type"),
+    (["--taylor", "foo"], "--taylor"),
+    (["--grouping_strategy", "median"], "--grouping_strategy"),
+    (["--structure", "XX"], "--structure"),
+    (["--mlp_compress_method", "foo"], "--mlp_compress_method"),
+    (["--mlp_metric", "foo"], "--mlp_metric"),
+    (["--calibration", "foo"], "--calibration"),
+    (["--eval_datasets", "wikitext2,foo"], "--eval_datasets"),
+    (["--sublayer", "attn"], "--sublayer"),
+    (["--nsamples", "0"], "--nsamples"),
+    (["--seq_len", "64", "--max_tokens", "32"], "--max_tokens"),
+    (["--device", "nonsense"], "--device"),
+    (["--block_mlp_layer_start", "5"], "--block_mlp_layer_start"),
+    (["--pruning_ratio", "0.9"], "exceeds the largest ratio the chosen structures allow"),
+    (["--prune_method", "flap", "--remove_heads", "2"], "--sublayer self_attn,mlp"),
+    (["--prune_method", "flap", "--sublayer", "self_attn,mlp", "--remove_heads", "3"], "multiple of 2"),
+    (["--prune_method", "flap", "--sublayer", "self_attn,mlp", "--gqa_policy", "kv_heads", "--remove_heads", "3"],
+     "as whole key-value groups of 2"),
+    (["--prune_method", "flap", "--sublayer", "self_attn,mlp", "--gqa_policy", "kv_heads", "--remove_heads", "4"],
+     "without query heads"),
+    (["--prune_method", "lorap", "--remove_heads", "2"], "--remove_heads"),
+    (["--save_model", "/proc/structprune-test/out"], "cannot write"),
+    (["--report", "/proc/structprune-test/run.json"], "--report"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, message, tiny_folder, capsys, no_heavy_work):
+    error = _refused(argv + ["--base_model", str(tiny_folder)], capsys)
+    assert message in error, error
+
+
+def test_too_large_a_ratio_names_the_largest_allowed(tiny_folder, capsys, no_heavy_work):
+    error = _refused(["--base_model", str(tiny_folder), "--pruning_ratio", "0.9"], capsys)
+    allowed = float(re.search(r"allow \((0\.\d\d)\)", error).group(1))
+    assert 0.5 < allowed < 0.9 and "lower --pruning_ratio" in error, error
+    _refused(["--base_model", str(tiny_folder), "--pruning_ratio", "0.6", "--prune_method", "mag_sp"], capsys)
+
+
+def test_unknown_architecture_is_refused_before_any_work(gpt2_folder, capsys, no_heavy_work):
+    error = _refused(["--base_model", str(gpt2_folder)], capsys)
+    assert "no architecture rule for model_type 'gpt2'" in error, error
+
+
+def test_bad_save_folders_are_refused_before_any_work(tiny_folder, tmp_path, capsys, no_heavy_work):
+    before = _digest(tiny_folder)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(full, "--overwrite"), (tiny_folder, "input model"), (tiny_folder.parent, "input model"),
+             (a_file / "out", "is a file"), (a_file, "is a file"), (Path("/proc/structprune-test"), "cannot write")]
+    for folder, message in cases:
+        error = _refused(["--base_model", str(tiny_folder), "--save_model", str(folder)], capsys)
+        assert message in error and ".partial" not in error, error
+    assert _digest(tiny_folder) == before and (full / "keep.txt").exists()
+
+
+def test_running_twice_needs_overwrite(tiny_folder, tmp_path, capsys):
+    argv = ["--base_model", str(tiny_folder), "--prune_method", "mag_sp", "--save_model", str(tmp_path / "out"),
+            "--test_before_train", "False", "--test_after_train", "False"]
+    assert hf_prune.main(argv) == 0
+    assert "--overwrite" in _refused(argv, capsys)
+    assert hf_prune.main(argv + ["--overwrite"]) == 0 and load_model(tmp_path / "out") is not None
+
+
+def test_help_shows_every_default():
+    parser = hf_prune.build_parser()
+    for action in parser._actions:
+        if action.dest != "help" and action.default is not argparse.SUPPRESS:
+            assert action.help, f"{action.option_strings} has no help, so --help shows no default"
+    text = " ".join(parser.format_help().split())
+    assert text.count("(None = number of layers) (default: None)") == 2
+    assert "--data_dir" in text and "$STRUCTPRUNE_DATA, else ../shared/data" in text and "hubs" in text
+    assert "with kv_heads as whole key-value groups (a multiple of the group size)" in text and "--overwrite" in text
+
+
+def test_lorap_table_says_what_a_dash_means_and_how_to_load(tiny_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lorap"
+    code = hf_prune.main(["--base_model", str(tiny_folder), "--nsamples", "4", "--seq_len", "32",
+                          "--test_before_train", "False", "--test_after_train", "False", "--save_model", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "q/k/v/o rank" in printed and hf_prune.RANK_LEGEND in printed
+    assert json.loads((out / "config.json").read_text())["model_type"] == "pruned_llama"
+    assert f"AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)" in printed
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("the tokenizer asked about custom code"))
+    assert AutoTokenizer.from_pretrained(out) is not None  # with the project imported: no question
+
+
+def test_load_hint_is_plain_for_a_plain_config(tiny_folder):
+    hint = hf_prune.load_hint(tiny_folder)
+    assert f"AutoModelForCausalLM.from_pretrained('{tiny_folder}')" in hint and "trust_remote_code" not in hint
+
+
+def test_rank_column_reads_the_architecture_rule():
+    """Phi-3's fused qkv_proj gets its own rank column (no q/k/v names written in the CLI)."""
+    from modelio import LowRankLinear
+    from tests.conftest import COMMON, tiny_model
+
+    model = tiny_model("phi3")
+    attention = model.model.layers[0].self_attn
+    attention.qkv_proj = LowRankLinear(attention.qkv_proj.in_features, attention.qkv_proj.out_features, 4)
+    shape = {k: COMMON[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+    table = hf_prune.layer_table(SimpleNamespace(layer_shapes=[shape] * 3), shape, model)
+    assert "| qkv/o rank" in table and "\n0 | 6/6 | 2/2 | 64/64 | 4/-" in table and hf_prune.RANK_LEGEND in table
+
+
+def test_saved_folder_follows_the_umask(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    previous = os.umask(0o022)
+    try:
+        out = save_model(model, None, tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o644
+
+
+def test_readme_first_run():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    cli_folder = re.search(r"--save_model (\S+)", quick).group(1)
+    snippet_folder = re.search(r'save_model\(model, tokenizer, "([^"]+)"\)', readme).group(1)
+    assert cli_folder != snippet_folder, "the Python snippet would fail on the quick start's folder"
+    assert "--test_before_train False" in quick and "--max_tokens" in quick
+    assert re.search(r"takes about \d+", quick), "the quick start should say how long the default run takes"
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(prune_method="mag_sp"),
+    dict(prune_method="mag_sp", sublayer="self_attn,mlp", block_mlp_layer_start=1),
+    dict(prune_method="mag_sp", sublayer="self_attn", gqa_policy="kv_heads", structure="AL-AM"),
+    dict(prune_method="mag_sp", mode="channel"),
+    dict(prune_method="flap", sublayer="self_attn,mlp", remove_heads=2),
+    dict(prune_method="flap", sublayer="self_attn,mlp", gqa_policy="kv_heads", remove_heads=3),
+    dict(prune_method="lorap", block_attention_layer_end=1),
+    dict(prune_method="flatllm", sublayer="mlp"),
+])
+def test_max_removable_is_what_pruning_accepts(overrides):
+    """One parameter more than max_removable is refused by the pruning code itself; max_removable is not."""
+    from pruners import PruneSettings, count_parameters, prune_model
+    from pruners.checks import check_budget, max_removable
+    from tests.conftest import COMMON, tiny_model
+
+    model = tiny_model("llama")
+    before = count_parameters(model)
+    most = max_removable(model, PruneSettings(**overrides))
+    check_budget(model, PruneSettings(**overrides, pruning_ratio=most / before))
+    with pytest.raises(ValueError, match="largest ratio"):
+        check_budget(model, PruneSettings(**overrides, pruning_ratio=(most + 1) / before))
+    batches = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="exceeds"):
+        prune_model(model, None, PruneSettings(**overrides, pruning_ratio=(most + 1) / before), log=lambda _: None,
+                    batches=batches)

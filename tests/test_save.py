@@ -147,3 +147,52 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ModelNotFoundError, match="safetensors"):
         load_model(tmp_path / "pickled")
+
+
+def test_pruned_configs_name_their_class_and_layers(saved):
+    root, _, _ = saved
+    heads = json.loads((root / "heads" / "config.json").read_text())
+    assert heads["architectures"] == ["PrunedLlamaForCausalLM"]
+    assert [s["num_attention_heads"] for s in heads["layer_shapes"]] == [4, 6, 6]  # layer 0 lost 2 heads
+    for kind in ("hidden_odd", "values", "mlp_uniform", "layers"):  # every layer alike: no layer_shapes at all
+        config = json.loads((root / kind / "config.json").read_text())
+        assert "layer_shapes" not in config, kind
+    assert json.loads((root / "mlp_uniform" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_plain_config_check_lets_real_bugs_through(monkeypatch):
+    from transformers import LlamaConfig
+
+    from modelio.save import _plain_config_is_valid
+
+    model = tiny_model("llama")
+    assert _plain_config_is_valid(model.config)
+    model.config.hidden_size = 45  # 45 % 6 heads: the strict validator refuses it
+    assert not _plain_config_is_valid(model.config)
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("a real bug")
+
+    monkeypatch.setattr(LlamaConfig, "__init__", broken)
+    with pytest.raises(AttributeError, match="a real bug"):
+        _plain_config_is_valid(model.config)
+
+
+def test_write_failures_are_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from modelio import UnsafeSaveError
+
+    model = tiny_model("llama")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(UnsafeSaveError, match="is a file"):
+        save_model(model, None, a_file / "out")
+
+    def full_disk(folder, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    with pytest.raises(UnsafeSaveError, match="No space left on device") as caught:
+        save_model(model, None, tmp_path / "out")
+    assert ".partial" not in str(caught.value) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
