@@ -100,16 +100,22 @@ def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, bu
     ratios = importance_preserving_ratios(influence, sizes, sizes.sum() - budget)
     log(f"FLAT-LLM kept ratio per layer: {np.round(ratios, 3).tolist()}")
     inputs = capture_layer_inputs(model, decoder, batches, batch_size=8)
-    chosen = dict(zip(layers, ratios))
+    chosen = {index: (ratio, size) for index, ratio, size in zip(layers, ratios, sizes)}
+    carry = 0.0  # what earlier layers' whole dimensions and channels removed too few (or too many)
     for index in range(len(decoder)):
-        if index in chosen and chosen[index] < 1.0:
-            _compress_layer(graph, index, chosen[index], inputs, index in attention_layers, index in mlp_layers)
+        if index in chosen and chosen[index][0] < 1.0:
+            ratio, size = chosen[index]
+            target = (1 - ratio) * size + carry
+            carry = target - _compress_layer(graph, index, ratio, target, inputs, index in attention_layers,
+                                             index in mlp_layers)
         inputs = run_layer(decoder[index], inputs)
     return {"ratios": dict(zip(layers, ratios.tolist())), "influence": influence.tolist()}
 
 
-def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, attention_too: bool,
-                    mlp_too: bool) -> None:
+def _compress_layer(graph: DependencyGraph, index: int, ratio: float, target: float, inputs, attention_too: bool,
+                    mlp_too: bool) -> int:
+    """Compress layer ``index`` to about ``ratio``; the MLP's channel count absorbs the rounding of whole value
+    dimensions so that about ``target`` parameters go. Returns the parameters removed."""
     model, rule = graph.model, graph.rule
     layer = rule.decoder_layers(model)[index]
     attention = layer.get_submodule(rule.attention)
@@ -120,6 +126,7 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, at
         observed["down"] = down
     stats = collect_input_statistics_on(layer, inputs, observed)
     remove: dict[str, list[int]] = {}
+    removed = 0
     if attention_too:  # rotate into the value PCA basis, then drop the weakest directions
         head_dim = rule.value_head_dim(attention)
         queries, keys = rule.head_counts(attention)
@@ -128,11 +135,15 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, at
             _value_rotation(values, first_row, attention.get_submodule(rule.output), stats["values"].second_moment,
                             stats["values"].count, head_dim, keys, queries)
         if keep_dims < head_dim:
-            remove[graph.in_layer(index, "head_dim").name] = list(range(keep_dims, head_dim))
+            values_space = graph.in_layer(index, "head_dim")
+            remove[values_space.name] = list(range(keep_dims, head_dim))
+            removed += (head_dim - keep_dims) * values_space.parameter_count(0)
     refit = None
     if mlp_too:  # keep the channels with the largest ridge leverage and refit down_proj on them
         width = rule.mlp_width(layer)
-        keep_channels = max(1, int(round(ratio * width)))
+        per_channel = graph.in_layer(index, "channels").parameter_count(0)
+        keep_channels = min(width, max(1, width - int(round((target - removed) / per_channel))))
+        removed += (width - keep_channels) * per_channel
         gram = stats["down"].second_moment.double()
         moment = gram / max(stats["down"].count, 1)
         leverage = ridge_leverage(gram)
@@ -151,3 +162,4 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, inputs, at
         down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
         with torch.no_grad():
             down.weight.copy_(refit.to(down.weight.dtype))
+    return removed

@@ -42,19 +42,23 @@ def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budg
     stats = collect_input_statistics(model, batches, wanted, layers=decoder,
                                      second_moments=settings.deco_method == "AFM")
     report = {"fraction": fraction, "ranks": {}}
+    attention_before = sum(_parameters(decoder[i].get_submodule(rule.attention)) for i in attention_layers)
+    for index in attention_layers:
+        _factorize_sublayer(decoder[index].get_submodule(rule.attention), f"{rule.layers}.{index}.{rule.attention}",
+                            rule.attention_inputs, rule.value_path, fraction, settings, stats, report)
+    attention_removed = attention_before - sum(_parameters(decoder[i].get_submodule(rule.attention))
+                                               for i in attention_layers)
     if mlp_layers and settings.mlp_compress_method == "prune":
         spaces = [graph.in_layer(index, "channels") for index in mlp_layers]
         # any activation estimator composes here (FLAP's fluctuation on the MLP, say): --mlp_metric
         scores = ActivationEstimator(settings.mlp_metric).scores(graph, spaces, None, statistics=stats)
-        mlp_budget = int(fraction * sum(s.parameter_count(0) * s.size for s in spaces))
+        # the MLP's fine channels absorb what whole ranks could not hit, so the total meets the budget
+        mlp_budget = max(0, budget - attention_removed)
         graph.apply(allocate(graph, spaces, scores, mlp_budget, "UL-UM", settings.round_to))
     elif mlp_layers:
         for index in mlp_layers:
             _factorize_sublayer(decoder[index].get_submodule(rule.mlp), f"{rule.layers}.{index}.{rule.mlp}",
                                 rule.mlp_inputs, (), fraction, settings, stats, report)
-    for index in attention_layers:
-        _factorize_sublayer(decoder[index].get_submodule(rule.attention), f"{rule.layers}.{index}.{rule.attention}",
-                            rule.attention_inputs, rule.value_path, fraction, settings, stats, report)
     return report
 
 

@@ -53,9 +53,9 @@ def test_flatllm_calibrates_every_layer_on_its_true_inputs(monkeypatch):
     seen: dict[int, torch.Tensor] = {}
     compress = flatllm._compress_layer
 
-    def recording(graph, index, ratio, inputs, *args, **kwargs):
+    def recording(graph, index, ratio, target, inputs, *args, **kwargs):
         seen[index] = torch.cat([(a[0] if a else k["hidden_states"]) for a, k in inputs])
-        return compress(graph, index, ratio, inputs, *args, **kwargs)
+        return compress(graph, index, ratio, target, inputs, *args, **kwargs)
 
     monkeypatch.setattr(flatllm, "_compress_layer", recording)
     prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
