@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from depgraph import DependencyGraph
 from modelio import load_model, save_model
-from pruners import PruneSettings, count_parameters, prune_model
+from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, TaylorEstimator
 from tests.conftest import COMMON, tiny_model
 
@@ -306,3 +306,39 @@ def test_remove_heads_counts_query_heads_under_the_kv_policy(batches):
     assert [s["num_key_value_heads"] for s in report.layer_shapes] == [COMMON["num_key_value_heads"] - 1] * 3
     with pytest.raises(ValueError, match="multiple of 3"):
         prune_model(tiny_model("llama"), None, replace(settings, remove_heads=2), log=lambda _: None, batches=batches)
+
+
+@pytest.mark.parametrize("mode", ["block", "channel", "layer"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_zero_ratio_changes_nothing_for_any_method(method, mode, batches):
+    if mode != "block" and METHODS[method].action != "remove":
+        pytest.skip(f"{method} compresses blocks only")
+    model = tiny_model("llama_mha")
+    before = model(input_ids=batches).logits
+    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.0, nsamples=6,
+                                                    num_examples=2, mode=mode, sublayer="self_attn,mlp"),
+                         log=lambda _: None, batches=batches)
+    assert report.params_after == report.params_before
+    assert torch.equal(before, model(input_ids=batches).logits)
+
+
+def test_bias_compensation_adds_the_mean_contribution_of_removed_channels(batches):
+    """bias += W[:, J] @ E[x_J]: the removed channels' mean input, measured directly on the calibration batches."""
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    captured = []
+    down = original.model.layers[1].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        original(input_ids=batches)
+    handle.remove()
+    mean = torch.cat(captured).double().mean(0)
+    settings = PruneSettings(prune_method="flap", pruning_ratio=0.1, nsamples=6, block_mlp_layer_start=1,
+                             block_mlp_layer_end=2)
+    prune_model(model, None, settings, log=lambda _: None, batches=batches)
+    kept_rows = model.model.layers[1].mlp.gate_proj.weight.detach()
+    gate = original.model.layers[1].mlp.gate_proj.weight.detach()
+    kept = [int(torch.nonzero((gate == row).all(1))[0]) for row in kept_rows]
+    removed = sorted(set(range(COMMON["intermediate_size"])) - set(kept))
+    expected = down.weight.detach().double()[:, removed] @ mean[removed]
+    assert removed and torch.allclose(model.model.layers[1].mlp.down_proj.bias.double(), expected, atol=1e-5)

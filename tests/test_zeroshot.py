@@ -73,6 +73,39 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@torch.no_grad()
+def _direct_accuracy(model, tokenizer, docs: list[tuple[str, list[str], int]]) -> tuple[float, float]:
+    """(acc, acc_norm) of multiple-choice docs scored here, without lm-eval: the summed log-likelihood of
+    " " + choice after the context (acc_norm: divided by the length of the choice in characters)."""
+    hits, hits_norm = 0, 0
+    for context, choices, label in docs:
+        scores, normalized = [], []
+        for choice in choices:
+            continuation = " " + choice
+            context_ids = tokenizer(context)["input_ids"]
+            whole = tokenizer(context + continuation)["input_ids"]
+            ids = torch.tensor([whole])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+            targets = whole[len(context_ids):]
+            positions = range(len(context_ids) - 1, len(whole) - 1)
+            total = sum(logprobs[p, t].item() for p, t in zip(positions, targets))
+            scores.append(total)
+            normalized.append(total / len(choice))  # lm-eval divides by the choice length in characters
+        hits += int(max(range(len(choices)), key=scores.__getitem__) == label)
+        hits_norm += int(max(range(len(choices)), key=normalized.__getitem__) == label)
+    return hits / len(docs), hits_norm / len(docs)
+
+
+def test_piqa_accuracy_equals_a_direct_computation(tiny_lm, data_dir):
+    """The figures lm-eval returns are the model's choices on these documents, not just numbers in [0, 1]."""
+    model, tokenizer = tiny_lm
+    result = zero_shot(model, tokenizer, tasks="piqa", limit=6, batch_size=2, data_dir=data_dir)
+    docs = [(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"]) for d in PIQA]
+    acc, acc_norm = _direct_accuracy(model, tokenizer, docs)
+    assert result.metrics["piqa"]["acc"] == pytest.approx(acc)
+    assert result.metrics["piqa"]["acc_norm"] == pytest.approx(acc_norm)
+
+
 def test_tiny_model_three_task_kinds(tiny_lm, data_dir):
     """A plain config (piqa), function-valued fields (winogrande) and process_docs (hellaswag)."""
     model, tokenizer = tiny_lm
@@ -160,7 +193,13 @@ def test_smollm2_arc_easy_few_docs():
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     result = zero_shot(model, tokenizer, tasks=["arc_easy"], limit=4)
     assert result.samples == {"arc_easy": 4}
-    assert 0.0 <= result.metrics["arc_easy"]["acc_norm"] <= 1.0
+    path = task_config("arc_easy")["dataset_kwargs"]["data_files"]["validation"]
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()[:4]]
+    docs = [(f"Question: {r['question']}\nAnswer:", r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
+            for r in rows]
+    acc, acc_norm = _direct_accuracy(model, tokenizer, docs)
+    assert result.metrics["arc_easy"]["acc"] == pytest.approx(acc)
+    assert result.metrics["arc_easy"]["acc_norm"] == pytest.approx(acc_norm)
 
 
 def test_lm_eval_scores_a_saved_pruned_folder_by_path(tiny_lm, data_dir, tmp_path):
