@@ -26,6 +26,7 @@ from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
 from pruners.checks import FLAP_METRICS, MLP_COMPRESS_METHODS, PRUNER_TYPES, SUBLAYERS, check_numbers, preflight
 from pruners.estimators import ACTIVATION_METRICS, GROUPING, TAYLOR_MODES
+from pruners.flatllm import MLP_SCORES
 from pruners.lowrank import DECOMPOSITIONS
 from pruners.methods import validate_ratio
 
@@ -119,6 +120,8 @@ def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> No
                         help="lorap: MLP channel importance when pruning")
     parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
                         help="lorap: True keeps the two factors (smaller model), False the dense product")
+    parser.add_argument("--flatllm_mlp_score", choices=MLP_SCORES, default=defaults.flatllm_mlp_score,
+                        help="flatllm: MLP channels kept by ridge leverage (the paper's) or by output energy")
 
 
 def _selection_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:

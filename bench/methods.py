@@ -51,6 +51,7 @@ RUNS: dict[str, dict] = {
     "lorap-AFM": {"prune_method": "lorap", "deco_method": "AFM"},
     "lorap-SVD": {"prune_method": "lorap", "deco_method": "SVD"},
     "flatllm": {"prune_method": "flatllm"},
+    "flatllm-energy": {"prune_method": "flatllm", "flatllm_mlp_score": "energy"},
 }
 RATIOS = (0.2, 0.5)
 

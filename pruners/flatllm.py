@@ -52,6 +52,19 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * eye, gram).diagonal()  # C and (C + rI)^-1 commute
 
 
+MLP_SCORES = ("leverage", "energy")
+
+
+def mlp_channel_score(gram: torch.Tensor, moment: torch.Tensor, down_weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Which MLP channels FLAT-LLM keeps: ``leverage`` (the paper's) or ``energy``, E[h_j^2] ||W_down[:, j]||^2
+    (the output energy a channel carries, a variant kept for comparison)."""
+    if kind == "leverage":
+        return ridge_leverage(gram)
+    if kind == "energy":
+        return moment.diagonal() * down_weight.double().pow(2).sum(0).cpu()
+    raise ValueError(f"unknown --flatllm_mlp_score {kind}: choose from {', '.join(MLP_SCORES)}")
+
+
 def _value_rotation(values: nn.Linear, first_row: int, output: nn.Linear, second_moment: torch.Tensor, count: int,
                     head_dim: int, kv_heads: int, query_heads: int) -> None:
     """Rotate the value rows (from ``first_row`` of ``values``) and the output columns of every kv head into
@@ -107,13 +120,13 @@ def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, bu
             ratio, size = chosen[index]
             target = (1 - ratio) * size + carry
             carry = target - _compress_layer(graph, index, ratio, target, inputs, index in attention_layers,
-                                             index in mlp_layers)
+                                             index in mlp_layers, settings.flatllm_mlp_score)
         inputs = run_layer(decoder[index], inputs)
     return {"ratios": dict(zip(layers, ratios.tolist())), "influence": influence.tolist()}
 
 
 def _compress_layer(graph: DependencyGraph, index: int, ratio: float, target: float, inputs, attention_too: bool,
-                    mlp_too: bool) -> int:
+                    mlp_too: bool, channel_score: str = "leverage") -> int:
     """Compress layer ``index`` to about ``ratio``; the MLP's channel count absorbs the rounding of whole value
     dimensions so that about ``target`` parameters go. Returns the parameters removed."""
     model, rule = graph.model, graph.rule
@@ -146,8 +159,8 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, target: fl
         removed += (width - keep_channels) * per_channel
         gram = stats["down"].second_moment.double()
         moment = gram / max(stats["down"].count, 1)
-        leverage = ridge_leverage(gram)
-        kept = np.sort(np.argsort(-leverage.numpy(), kind="stable")[:keep_channels])
+        score = mlp_channel_score(gram, moment, down.weight.detach(), channel_score)
+        kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep_channels])
         if keep_channels < width:
             remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
             kept_t = torch.as_tensor(kept)

@@ -51,6 +51,8 @@ class PruneSettings:
     mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp
     real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
     remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
+    # FLAT-LLM's MLP channel score: leverage (the paper's ridge leverage) | energy (E[h^2] ||W_down[:, j]||^2)
+    flatllm_mlp_score: str = "leverage"
 
 
 @dataclass(frozen=True)

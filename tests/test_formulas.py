@@ -94,3 +94,17 @@ def test_flatllm_keeps_the_mlp_channels_of_largest_ridge_leverage(batches):
     kept = sorted(int(torch.nonzero((gate == row).all(1))[0]) for row in kept_rows)
     assert len(kept) < COMMON["intermediate_size"], "layer 0 must be compressed for this check"
     assert kept == sorted(torch.topk(leverage, len(kept)).indices.tolist())
+
+
+def test_flatllm_energy_variant_keeps_the_channels_of_most_output_energy(batches):
+    model = tiny_model("llama")
+    original = tiny_model("llama")
+    mlp = original.model.layers[0].mlp
+    h = _inputs_of(original, mlp.down_proj, batches[:4])
+    energy = h.pow(2).mean(0) * mlp.down_proj.weight.detach().double().pow(2).sum(0)
+    prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.4, nsamples=4, sublayer="mlp",
+                                           flatllm_mlp_score="energy"), log=lambda _: None, batches=batches[:4])
+    kept_rows = model.model.layers[0].mlp.gate_proj.weight.detach()
+    kept = sorted(int(torch.nonzero((mlp.gate_proj.weight.detach() == row).all(1))[0]) for row in kept_rows)
+    assert len(kept) < COMMON["intermediate_size"]
+    assert kept == sorted(torch.topk(energy, len(kept)).indices.tolist())
