@@ -15,7 +15,7 @@ from typing import NoReturn
 import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
-from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS
+from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS, calibration_texts, evaluation_text
 from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_for
 from evaluation import perplexity
 from modelio import (DEFAULT_MODEL, LowRankLinear, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
@@ -277,6 +277,22 @@ def check_flags(args: argparse.Namespace, settings: PruneSettings) -> None:
                          f"raise --max_tokens")
     _check_device(args.device)
     resolve_data_dir(args.data_dir)  # a wrong --data_dir fails before the model loads
+    check_data(args, settings)
+
+
+def check_data(args: argparse.Namespace, settings: PruneSettings) -> None:
+    """The calibration and evaluation texts are read now (a local file read; a hub download only where no
+    data directory has them), so that a missing set fails before the dense perplexity, not after it."""
+    if settings.pruning_ratio > 0 and _needs_calibration(settings):
+        calibration_texts(settings.calibration, data_dir=args.data_dir)
+    if args.test_before_train or args.test_after_train:
+        for dataset in [d for d in args.eval_datasets.split(",") if d]:
+            evaluation_text(dataset, data_dir=args.data_dir)
+
+
+def _needs_calibration(settings: PruneSettings) -> bool:
+    method = METHODS[settings.prune_method]
+    return settings.mode == "layer" or bool(method.samples(settings))
 
 
 def _check_device(name: str) -> None:

@@ -279,3 +279,19 @@ def test_max_removable_is_what_pruning_accepts(overrides):
     with pytest.raises(ValueError, match="exceeds"):
         prune_model(model, None, PruneSettings(**overrides, pruning_ratio=(most + 1) / before), log=lambda _: None,
                     batches=batches)
+
+
+def test_missing_calibration_or_evaluation_data_is_refused_before_any_work(tiny_folder, tmp_path, capsys,
+                                                                           no_heavy_work, monkeypatch):
+    """A data folder without the calibration passages (or the evaluation text) fails before the dense
+    perplexity, naming --data_dir; the hubs are out of reach."""
+    import corpora.sources
+
+    monkeypatch.setattr(corpora.sources, "_hf", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.test.raw").write_text(" = A = \n text text text \n" * 50)
+    base = ["--base_model", str(tiny_folder), "--data_dir", str(tmp_path), "--prune_method", "wanda_sp"]
+    assert "--data_dir" in _refused(base, capsys)
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "lambada_bookcorpus.txt").write_text("a passage of text.\n\nanother one.\n")
+    assert "--data_dir" in _refused(base + ["--eval_datasets", "wikitext2,ptb"], capsys)
