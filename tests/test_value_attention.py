@@ -65,3 +65,19 @@ def test_flatllm_calibrates_every_layer_on_its_true_inputs(monkeypatch):
         true_inputs = model(input_ids=batches, output_hidden_states=True).hidden_states
     for index, streamed in seen.items():
         assert torch.allclose(streamed, true_inputs[index], atol=1e-4), f"layer {index} calibrated on wrong inputs"
+
+
+def test_a_saved_value_pruned_model_keeps_the_attention_asked_at_load(tmp_path, input_ids):
+    from modelio import load_model, save_model
+
+    model = _value_pruned("llama")
+    folder = save_model(model, None, tmp_path / "values")
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        loaded = load_model(folder, attn_implementation=implementation)
+        assert loaded.config._attn_implementation == implementation
+        with torch.no_grad():
+            outputs[implementation] = loaded(input_ids=input_ids).logits
+            prefix = loaded(input_ids=input_ids[:, :6]).logits
+        assert torch.allclose(outputs[implementation][:, :6], prefix, atol=1e-5)
+    assert torch.allclose(outputs["sdpa"], outputs["eager"], atol=1e-5)
