@@ -24,11 +24,11 @@ from modelio.load import resolve_model_path
 from modelio.save import check_save_target, check_writable
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
-from pruners.checks import FLAP_METRICS, MLP_COMPRESS_METHODS, PRUNER_TYPES, SUBLAYERS, check_numbers, preflight
-from pruners.estimators import ACTIVATION_METRICS, GROUPING, TAYLOR_MODES
+from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, preflight
+from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
 from pruners.lowrank import DECOMPOSITIONS
-from pruners.methods import validate_ratio
+from pruners.methods import SUBLAYERS, validate_ratio
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, MissingOpRule, InvalidPlan, UnsafeSaveError,
           ValueError)
@@ -95,7 +95,7 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
     parser.add_argument("--taylor", choices=TAYLOR_MODES, default=defaults.taylor, help="llm_pruner: Taylor order")
     parser.add_argument("--grouping_strategy", choices=tuple(GROUPING), default=defaults.grouping_strategy,
                         help="llm_pruner: how the scores of a group's parameters combine")
-    parser.add_argument("--metrics", choices=FLAP_METRICS, default=defaults.metrics, help="flap: fluctuation metric")
+    parser.add_argument("--metrics", choices=FLUCTUATION_METRICS, default=defaults.metrics, help="flap: fluctuation metric")
     parser.add_argument("--structure", choices=STRUCTURES, default=None,
                         help="how the budget spreads over layers and modules (None: the method's, UL-UM)")
     parser.add_argument("--remove_heads", type=int, default=-1,
@@ -120,7 +120,7 @@ def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> No
                         help="lorap: MLP channel importance when pruning")
     parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
                         help="lorap: True keeps the two factors (smaller model), False the dense product")
-    parser.add_argument("--flatllm_mlp_score", choices=MLP_SCORES, default=defaults.flatllm_mlp_score,
+    parser.add_argument("--flatllm_mlp_score", choices=tuple(MLP_SCORES), default=defaults.flatllm_mlp_score,
                         help="flatllm: MLP channels kept by ridge leverage (the paper's) or by output energy")
 
 
@@ -199,12 +199,9 @@ def rounded(figures: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.2f}" for name, value in figures.items())
 
 
-def _projections(attention: torch.nn.Module, output: str) -> dict[str, torch.nn.Module]:
-    """The dense or factorized linear children of one attention module (q/k/v, Phi-3's qkv...), the
-    ``output`` projection (o_proj) last."""
-    found = {name: child for name, child in attention.named_children()
-             if isinstance(child, (torch.nn.Linear, LowRankLinear))}
-    return dict(sorted(found.items(), key=lambda item: item[0] == output))
+def _projections(attention: torch.nn.Module, rule) -> dict[str, torch.nn.Module]:
+    """The projections of one attention module as the architecture rule names them (q/k/v/o, Phi-3's qkv/o)."""
+    return {name: attention.get_submodule(name) for group in rule.attention_inputs for name in group}
 
 
 def _ranks(projections: dict[str, torch.nn.Module]) -> str:
@@ -219,7 +216,7 @@ def layer_table(report, original: dict, model=None) -> str:
     """One row per layer: kept heads and MLP width, and the attention ranks where any was factorized."""
     rule = rule_for(model) if model is not None else None
     layers = rule.decoder_layers(model) if rule else []
-    projections = [_projections(layer.get_submodule(rule.attention), rule.output) for layer in layers]
+    projections = [_projections(layer.get_submodule(rule.attention), rule) for layer in layers]
     ranks = [_ranks(found) for found in projections]
     lowrank = any(r.strip("-/") for r in ranks)
     names = "/".join(n.removesuffix("_proj") for n in projections[0]) if projections else ""

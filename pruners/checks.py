@@ -12,17 +12,17 @@ import numpy as np
 from torch import nn
 
 from depgraph import DependencyGraph, Space, rule_for
-from pruners.allocation import Unit, units_of
-from pruners.estimators import ACTIVATION_METRICS
-from pruners.methods import METHODS, PruneSettings, count_parameters, select_spaces, sublayer_selection
+from pruners.allocation import units_of
+from pruners.estimators import HEAD_KINDS
+from pruners.flatllm import compressible_sizes
+from pruners.lorap import selected_parameters
+from pruners.methods import (METHODS, PruneSettings, count_parameters, fixed_head_units, select_spaces,
+                             selected_sublayers, sublayer_selection)
 
 # The kinds pruners.methods._llm_pruner_estimator builds (it keeps them in a local dict).
 PRUNER_TYPES = ("random", "l1", "l2", "taylor")
-# FLAP's --metrics: the activation metrics that are not a method of their own (wanda_sp and mag_sp are).
-FLAP_METRICS = tuple(metric for metric in ACTIVATION_METRICS if metric not in METHODS)
 # LoRAP's --mlp_compress_method: pruners.lorap prunes channels for "prune" and factorizes otherwise.
 MLP_COMPRESS_METHODS = ("prune", "decom")
-SUBLAYERS = ("self_attn", "mlp")  # what pruners.methods.sublayer_selection understands
 
 
 def resolved(settings: PruneSettings) -> PruneSettings:
@@ -50,7 +50,7 @@ def check_layer_ranges(settings: PruneSettings, num_layers: int) -> None:
     for part, block in (("self_attn", "attention"), ("mlp", "mlp")):
         start = getattr(settings, f"block_{block}_layer_start")
         end = getattr(settings, f"block_{block}_layer_end")
-        if part in _parts(settings) and not 0 <= start < min(num_layers if end is None else end, num_layers):
+        if part in selected_sublayers(settings) and not 0 <= start < min(num_layers if end is None else end, num_layers):
             raise ValueError(f"--block_{block}_layer_start {start} / --block_{block}_layer_end {end} select no layer "
                              f"of this model's {num_layers}: use 0 <= start < end (end None = {num_layers})")
 
@@ -58,28 +58,6 @@ def check_layer_ranges(settings: PruneSettings, num_layers: int) -> None:
 def _layer_parameters(module: nn.Module) -> int:
     """Parameters of one module."""
     return sum(p.numel() for p in module.parameters())
-
-
-def _sublayer_parameters(model: nn.Module, settings: PruneSettings) -> int:
-    """LoRAP: the parameters of the selected attention / MLP sub-layers, as pruners.lorap counts them."""
-    rule = rule_for(model)
-    decoder = rule.decoder_layers(model)
-    names = {"self_attn": rule.attention, "mlp": rule.mlp}
-    return sum(_layer_parameters(decoder[i].get_submodule(names[part]))
-               for part, layers in sublayer_selection(settings, len(decoder)).items() for i in layers)
-
-
-def _flatllm_parameters(graph: DependencyGraph, settings: PruneSettings) -> int:
-    """FLAT-LLM: the value dimensions and MLP channels of the selected sub-layers, as pruners.flatllm counts them."""
-    kinds = {"self_attn": "head_dim", "mlp": "channels"}
-    spaces = [graph.in_layer(i, kinds[part]) for part, layers in sublayer_selection(settings, graph.num_layers).items()
-              for i in layers]
-    return sum(space.parameter_count(0) * space.size for space in spaces if space is not None)
-
-
-def _parts(settings: PruneSettings) -> set[str]:
-    """The sub-layers named by --sublayer."""
-    return {part.strip() for part in (settings.sublayer or "").split(",") if part.strip()}
 
 
 def _units_parameters(graph: DependencyGraph, spaces: list[Space]) -> int:
@@ -97,14 +75,16 @@ def max_removable(model: nn.Module, settings: PruneSettings, graph: DependencyGr
     """The most parameters the chosen method, mode and selection can remove from ``model``."""
     settings = resolved(settings)
     action = METHODS[settings.prune_method].action
+    rule = rule_for(model)
+    decoder = rule.decoder_layers(model)
     if settings.mode == "layer":  # at least one decoder layer stays
-        sizes = [_layer_parameters(layer) for layer in rule_for(model).decoder_layers(model)]
+        sizes = [_layer_parameters(layer) for layer in decoder]
         return sum(sizes) - min(sizes)
     if settings.mode == "block" and action == "lorap":
-        return _sublayer_parameters(model, settings)
+        return selected_parameters(model, rule, sublayer_selection(settings, len(decoder)))
     graph = graph or DependencyGraph.build(model)
     if settings.mode == "block" and action == "flatllm":
-        return _flatllm_parameters(graph, settings)
+        return int(compressible_sizes(graph, sublayer_selection(settings, graph.num_layers))[1].sum())
     spaces = select_spaces(graph, settings)
     if settings.remove_heads >= 0 and settings.mode == "block":
         heads = remove_heads_parameters(graph, spaces, settings)
@@ -113,34 +93,10 @@ def max_removable(model: nn.Module, settings: PruneSettings, graph: DependencyGr
 
 
 def remove_heads_parameters(graph: DependencyGraph, spaces: list[Space], settings: PruneSettings) -> int:
-    """Parameters that FLAP's --remove_heads takes from the selected attentions; refuses counts that cannot go.
-
-    It counts query heads under both GQA policies, as pruners.methods does: with query_heads the same number
-    goes from every key-value group, with kv_heads they go as whole key-value groups.
-    """
-    total = 0
-    for space in (s for s in spaces if s.kind in ("heads", "kv_heads")):
-        layer = graph.layer_of(space)
-        units = units_of(space, np.zeros(space.size), layer)
-        if space.kind == "kv_heads":  # a unit: one kv group with its query heads
-            per_unit = graph.in_layer(layer, "heads").size // space.size
-        else:  # a unit: one query head from every kv group
-            per_unit = len(units[0].elements) if units else 1
-        total += sum(unit.params for unit in _heads_taken(space, units, settings.remove_heads, per_unit))
-    return total
-
-
-def _heads_taken(space: Space, units: list[Unit], count: int, per_unit: int) -> list[Unit]:
-    """The units that --remove_heads ``count`` (query heads) takes from one attention, ``per_unit`` per unit."""
-    how = (f"as whole key-value groups of {per_unit} (--gqa_policy kv_heads)" if space.kind == "kv_heads"
-           else f"evenly from its {per_unit} key-value groups (--gqa_policy query_heads)")
-    if count % per_unit:
-        raise ValueError(f"--remove_heads {count} counts query heads, which {space.module} loses {how}: use a "
-                         f"multiple of {per_unit}")
-    if count // per_unit > len(units):
-        raise ValueError(f"--remove_heads {count} would leave {space.module} without query heads: at most "
-                         f"{len(units) * per_unit} can go {how}")
-    return units[: count // per_unit]
+    """Parameters that FLAP's --remove_heads takes from the selected attentions (the units pruning takes,
+    ``pruners.methods.fixed_head_units``); refuses counts that cannot go."""
+    return sum(unit.params for space in spaces if space.kind in HEAD_KINDS
+               for unit in fixed_head_units(graph, space, np.zeros(space.size), settings.remove_heads))
 
 
 def _floor(ratio: float) -> str:
@@ -157,7 +113,7 @@ def check_remove_heads_applies(settings: PruneSettings) -> None:
     if settings.mode != "block" or METHODS[settings.prune_method].action != "remove":
         raise ValueError(f"--remove_heads applies to block-wise pruning with {', '.join(_removing_methods())}, "
                          f"not --prune_method {settings.prune_method} in {settings.mode} mode: drop it")
-    if "self_attn" not in _parts(settings):
+    if "self_attn" not in selected_sublayers(settings):
         raise ValueError("--remove_heads needs attention selected: add --sublayer self_attn,mlp")
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Plan, Space
 from pruners.calibration import InputStatistics
+from pruners.estimators import input_linears
 
 
 @torch.no_grad()
@@ -42,12 +43,6 @@ def bias_parameters_added(graph: DependencyGraph, spaces: list[Space]) -> int:
     """Parameters that compensation will add: a bias for every bias-less linear reading a selected space.
 
     The allocator is given the budget less these, so that the achieved removal counts them."""
-    modules = dict(graph.model.named_modules())
-    readers = set()
-    for space in spaces:
-        for name, dim in space.members:
-            module_name, _, attr = name.rpartition(".")
-            module = modules.get(module_name)
-            if attr == "weight" and dim == 1 and isinstance(module, nn.Linear) and module.bias is None:
-                readers.add(module_name)
-    return sum(modules[name].out_features for name in readers)
+    readers = {name for space in spaces for name in input_linears(graph, space)}
+    linears = [graph.model.get_submodule(name) for name in readers]
+    return sum(linear.out_features for linear in linears if linear.bias is None)

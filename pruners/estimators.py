@@ -199,6 +199,17 @@ class TaylorEstimator:
             model.train(was_training)
 
 
+def input_linears(graph: DependencyGraph, space: Space) -> list[str]:
+    """The linear layers whose input features belong to ``space`` (o_proj for heads, down_proj for channels)."""
+    modules = dict(graph.model.named_modules())
+    found = []
+    for name, dim in space.members:
+        module_name, _, attr = name.rpartition(".")
+        if attr == "weight" and dim == 1 and isinstance(modules.get(module_name), nn.Linear):
+            found.append(module_name)
+    return sorted(set(found))
+
+
 ACTIVATION_METRICS = ("IFV", "WIFV", "WIFN", "wanda_sp", "mag_sp")
 FLUCTUATION_METRICS = ("IFV", "WIFV", "WIFN")  # FLAP's own
 HEAD_KINDS = ("heads", "kv_heads")
@@ -234,19 +245,10 @@ class ActivationEstimator:
     def name(self) -> str:
         return self.metric
 
-    def input_layers(self, graph: DependencyGraph, space: Space) -> list[str]:
-        modules = dict(graph.model.named_modules())
-        found = []
-        for name, dim in space.members:
-            module_name, _, attr = name.rpartition(".")
-            if attr == "weight" and dim == 1 and isinstance(modules.get(module_name), nn.Linear):
-                found.append(module_name)
-        return sorted(set(found))
-
     def scores(self, graph, spaces, batches, statistics: dict[str, InputStatistics] | None = None):
         if self.metric not in ACTIVATION_METRICS:
             raise ValueError(f"unknown metric {self.metric}: choose from {', '.join(ACTIVATION_METRICS)}")
-        layers = {space.name: self.input_layers(graph, space) for space in spaces}
+        layers = {space.name: input_linears(graph, space) for space in spaces}
         if statistics is None and self.metric != "mag_sp":
             if batches is None:
                 raise ValueError(f"{self.metric} needs calibration samples (--nsamples)")

@@ -52,17 +52,16 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * eye, gram).diagonal()  # C and (C + rI)^-1 commute
 
 
-MLP_SCORES = ("leverage", "energy")
+def _output_energy(gram: torch.Tensor, moment: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """E[h_j^2] ||W_down[:, j]||^2: the output energy a channel carries (a variant kept for comparison)."""
+    return moment.diagonal() * down_weight.double().pow(2).sum(0).cpu()
 
 
-def mlp_channel_score(gram: torch.Tensor, moment: torch.Tensor, down_weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """Which MLP channels FLAT-LLM keeps: ``leverage`` (the paper's) or ``energy``, E[h_j^2] ||W_down[:, j]||^2
-    (the output energy a channel carries, a variant kept for comparison)."""
-    if kind == "leverage":
-        return ridge_leverage(gram)
-    if kind == "energy":
-        return moment.diagonal() * down_weight.double().pow(2).sum(0).cpu()
-    raise ValueError(f"unknown --flatllm_mlp_score {kind}: choose from {', '.join(MLP_SCORES)}")
+# Which MLP channels FLAT-LLM keeps (--flatllm_mlp_score): the paper's ridge leverage, or output energy.
+MLP_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "leverage": lambda gram, moment, down_weight: ridge_leverage(gram),
+    "energy": _output_energy,
+}
 
 
 def _value_rotation(values: nn.Linear, first_row: int, output: nn.Linear, second_moment: torch.Tensor, count: int,
@@ -88,24 +87,28 @@ def _value_rotation(values: nn.Linear, first_row: int, output: nn.Linear, second
             o_weight[:, cols] = (o_weight[:, cols].double() @ basis).to(o_weight.dtype)
 
 
+def compressible_sizes(graph: DependencyGraph, selection: dict[str, list[int]]) -> tuple[list[int], np.ndarray]:
+    """The selected layers and, per layer, the parameters FLAT-LLM can compress: its value dimensions (a row
+    of v per kv head, a column of o per head) and its MLP channels."""
+    kinds = {"self_attn": "head_dim", "mlp": "channels"}
+    layers = sorted({index for part in kinds for index in selection.get(part, [])})
+    sizes = []
+    for index in layers:
+        spaces = [graph.in_layer(index, kind) for part, kind in kinds.items() if index in selection.get(part, [])]
+        sizes.append(sum(space.parameter_count(0) * space.size for space in spaces))
+    return layers, np.array(sizes, dtype=float)
+
+
 def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
                      selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
     """``selection`` maps "self_attn" and "mlp" to the layers whose attention values / MLP are compressed."""
+    if settings.flatllm_mlp_score not in MLP_SCORES:
+        raise ValueError(f"unknown --flatllm_mlp_score {settings.flatllm_mlp_score}: choose from "
+                         f"{', '.join(MLP_SCORES)}")
     model, rule = graph.model, graph.rule
     decoder = rule.decoder_layers(model)
     attention_layers, mlp_layers = set(selection.get("self_attn", [])), set(selection.get("mlp", []))
-    layers = sorted(attention_layers | mlp_layers)
-    sizes = []
-    for index in layers:
-        size = 0
-        if index in attention_layers:  # one value dimension: a row of v per kv head, a column of o per head
-            values = graph.in_layer(index, "head_dim")
-            size += values.parameter_count(0) * values.size
-        if index in mlp_layers:
-            channels = graph.in_layer(index, "channels")
-            size += channels.parameter_count(0) * channels.size
-        sizes.append(size)
-    sizes = np.array(sizes, dtype=float)
+    layers, sizes = compressible_sizes(graph, selection)
     if budget > sizes.sum():
         raise ValueError(f"the budget ({budget:,}) exceeds what FLAT-LLM can compress ({int(sizes.sum()):,}): "
                          "lower --pruning_ratio")
@@ -152,14 +155,14 @@ def _compress_layer(graph: DependencyGraph, index: int, ratio: float, target: fl
             remove[values_space.name] = list(range(keep_dims, head_dim))
             removed += (head_dim - keep_dims) * values_space.parameter_count(0)
     refit = None
-    if mlp_too:  # keep the channels with the largest ridge leverage and refit down_proj on them
+    if mlp_too:  # keep the channels of highest score and refit down_proj on them
         width = rule.mlp_width(layer)
         per_channel = graph.in_layer(index, "channels").parameter_count(0)
         keep_channels = min(width, max(1, width - int(round((target - removed) / per_channel))))
         removed += (width - keep_channels) * per_channel
         gram = stats["down"].second_moment.double()
         moment = gram / max(stats["down"].count, 1)
-        score = mlp_channel_score(gram, moment, down.weight.detach(), channel_score)
+        score = MLP_SCORES[channel_score](gram, moment, down.weight.detach())
         kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep_channels])
         if keep_channels < width:
             remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))

@@ -22,6 +22,13 @@ def _parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def selected_parameters(model: nn.Module, rule, selection: dict[str, list[int]]) -> int:
+    """Parameters of the attention and MLP sub-layers ``selection`` names: what LoRAP can compress at most."""
+    decoder = rule.decoder_layers(model)
+    return (sum(_parameters(decoder[i].get_submodule(rule.attention)) for i in selection.get("self_attn", []))
+            + sum(_parameters(decoder[i].get_submodule(rule.mlp)) for i in selection.get("mlp", [])))
+
+
 def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
                    selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
     """Compress the selected sub-layers by one common fraction so that ``budget`` parameters go.
@@ -30,8 +37,7 @@ def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budg
     model, rule = graph.model, graph.rule
     decoder = rule.decoder_layers(model)
     attention_layers, mlp_layers = selection.get("self_attn", []), selection.get("mlp", [])
-    selected = (sum(_parameters(decoder[i].get_submodule(rule.attention)) for i in attention_layers)
-                + sum(_parameters(decoder[i].get_submodule(rule.mlp)) for i in mlp_layers))
+    selected = selected_parameters(model, rule, selection)
     if budget > selected:
         raise ValueError(f"the budget ({budget:,}) exceeds the selected sub-layers ({selected:,} parameters): "
                          "lower --pruning_ratio or select more layers")

@@ -13,9 +13,9 @@ from corpora import calibration_batches
 from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
 from evaluation.stats import count_parameters
-from pruners.allocation import allocate
+from pruners.allocation import Unit, allocate, units_of
 from pruners.compensation import bias_parameters_added, compensate_bias
-from pruners.estimators import ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
+from pruners.estimators import HEAD_KINDS, ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
 
 
 @dataclass
@@ -131,12 +131,21 @@ class PruneReport:
 MODES = ("block", "channel", "layer")
 
 
+SUBLAYERS = ("self_attn", "mlp")
+
+
+def selected_sublayers(settings: PruneSettings) -> set[str]:
+    """The sub-layers ``--sublayer`` names (``mlp`` when unset)."""
+    sublayers = {part.strip() for part in (settings.sublayer or "mlp").split(",") if part.strip()}
+    if not sublayers or not sublayers <= set(SUBLAYERS):
+        raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{settings.sublayer}'")
+    return sublayers
+
+
 def sublayer_selection(settings: PruneSettings, num_layers: int) -> dict[str, list[int]]:
     """The layers whose attention ("self_attn") and whose MLP ("mlp") are compressed: ``--sublayer`` with the
     ``--block_attention_layer_*`` and ``--block_mlp_layer_*`` ranges. Every method reads it the same way."""
-    sublayers = {part.strip() for part in (settings.sublayer or "mlp").split(",") if part.strip()}
-    if not sublayers or not sublayers <= {"self_attn", "mlp"}:
-        raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{settings.sublayer}'")
+    sublayers = selected_sublayers(settings)
     ranges = {
         "self_attn": (settings.block_attention_layer_start, settings.block_attention_layer_end),
         "mlp": (settings.block_mlp_layer_start, settings.block_mlp_layer_end),
@@ -228,27 +237,35 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     return _report(model, settings, before, budget, plan, start, stages)
 
 
+def fixed_head_units(graph: DependencyGraph, space: Space, scores: np.ndarray, count: int) -> list[Unit]:
+    """The units that FLAP's --remove_heads ``count`` (query heads) takes from one attention space, weakest
+    first: one query head from every kv group per unit (query_heads), or one kv group with its query heads
+    (kv_heads). Refuses a count that does not split into whole units or leaves no head."""
+    layer = graph.layer_of(space)
+    units = units_of(space, scores, layer)
+    if space.kind == "kv_heads":
+        per_unit = graph.in_layer(layer, "heads").size // space.size
+        how = f"as whole key-value groups of {per_unit} (--gqa_policy kv_heads)"
+    else:
+        per_unit = len(units[0].elements) if units else 1
+        how = f"evenly from its {per_unit} key-value groups (--gqa_policy query_heads)"
+    if count % per_unit:
+        raise ValueError(f"--remove_heads {count} counts query heads, which {space.module} loses {how}: use a "
+                         f"multiple of {per_unit}")
+    if count // per_unit > len(units):
+        raise ValueError(f"--remove_heads {count} would leave {space.module} without query heads: at most "
+                         f"{len(units) * per_unit} can go {how}")
+    return units[: count // per_unit]
+
+
 def _fixed_heads_plan(graph: DependencyGraph, spaces: list[Space], scores: dict[str, np.ndarray], budget: int,
                       settings: PruneSettings) -> Plan:
     """FLAP's --remove_heads: the same number of (weakest) query heads out of every attention, the rest of the
     budget from the MLPs. Under --gqa_policy kv_heads they go as whole key-value groups with their query heads."""
-    from pruners.allocation import units_of
-
     remove: dict[str, list[int]] = {}
     spent = 0
-    for space in (s for s in spaces if s.kind in ("heads", "kv_heads")):
-        units = units_of(space, scores[space.name], graph.layer_of(space))
-        queries_per_element = 1
-        if space.kind == "kv_heads":  # one kv group takes its query heads with it
-            queries_per_element = graph.in_layer(graph.layer_of(space), "heads").size // space.size
-        per_unit = (len(units[0].elements) if units else 1) * queries_per_element
-        if settings.remove_heads % per_unit:
-            what = "query heads of a key-value group" if space.kind == "kv_heads" else "key-value groups"
-            raise ValueError(f"--remove_heads {settings.remove_heads} cannot be split evenly over the {per_unit} "
-                             f"{what} of {space.module}: use a multiple of {per_unit}")
-        chosen = units[: settings.remove_heads // per_unit]
-        if len(chosen) < settings.remove_heads // per_unit:
-            raise ValueError(f"--remove_heads {settings.remove_heads} would leave {space.module} without heads")
+    for space in (s for s in spaces if s.kind in HEAD_KINDS):
+        chosen = fixed_head_units(graph, space, scores[space.name], settings.remove_heads)
         remove[space.name] = sorted(e for unit in chosen for e in unit.elements)
         spent += sum(unit.params for unit in chosen)
     channels = [s for s in spaces if s.kind == "channels"]
