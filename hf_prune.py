@@ -27,7 +27,7 @@ from pruners.allocation import STRUCTURES
 from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, preflight
 from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
-from pruners.lowrank import DECOMPOSITIONS
+from pruners.factorization import DECOMPOSITIONS
 from pruners.methods import SUBLAYERS, validate_ratio
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, MissingOpRule, InvalidPlan, UnsafeSaveError,

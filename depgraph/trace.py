@@ -4,7 +4,7 @@ Why aten ops under a ``TorchDispatchMode`` (and not torch.fx, torch.export, or a
 op that really runs, after the Python-level control flow of Hugging Face modeling code has been resolved, with
 real shapes, without requiring the model to be exportable or differentiable, and it runs on the meta device, so
 a 7B-shaped model traces without memory. Composite ops (``linear``, ``matmul``) arrive decomposed, so a small
-set of rules (``depgraph.rules``) covers the LLaMA family and its relatives.
+set of rules (``depgraph.op_rules``) covers the LLaMA family and its relatives.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from depgraph.dims import DimNodes
-from depgraph.rules import DEAD_OUTPUT_OPS, OP_RULES, _tensors
+from depgraph.op_rules import DEAD_OUTPUT_OPS, OP_RULES, _tensors
 
 
 class MissingOpRule(NotImplementedError):
@@ -98,7 +98,7 @@ class Tracer(TorchDispatchMode):
         if handler is None:
             raise MissingOpRule(
                 f"no channel rule for aten.{name} (shapes {[tuple(t.shape) for t in inputs]}): add one to "
-                f"depgraph/rules.py"
+                f"depgraph/op_rules.py"
             )
         handler(self, args, kwargs, outputs)
         self._record_op(name, live_inputs, outputs)

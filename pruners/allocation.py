@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from depgraph import DependencyGraph, Plan, Space
+from pruners.estimators import HEAD_KINDS
 
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
 
@@ -161,3 +162,113 @@ def _round_kept(graph: DependencyGraph, chosen: dict[str, list[int]], scores: di
         target = max(multiple, int(round(kept / multiple)) * multiple)
         order = [int(e) for e in np.argsort(scores[name], kind="stable")]
         chosen[name] = order[: max(0, space.size - target)]
+
+
+# -- allocators: the budget-spending step of a composition (``allocate(context) -> Allocation``) ------------
+
+
+@dataclass
+class ByUnits:
+    """Remove the weakest units of the selected spaces, spread as ``structure`` says (see ``allocate``)."""
+
+    structure: str = "UL-UM"
+    round_to: int = 1
+
+    def allocate(self, context):
+        from pruners.engine import Allocation
+
+        plan = allocate(context.graph, context.spaces, context.scores, context.removable(), self.structure,
+                        self.round_to, standardize=not context.scores_comparable)
+        return Allocation(plan=plan)
+
+    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection, settings) -> int:
+        return removable_by_units(graph, spaces)
+
+
+def removable_by_units(graph: DependencyGraph, spaces: list[Space]) -> int:
+    """What unit allocation can remove from ``spaces`` at most (every unit but the last of each space)."""
+    return sum(u.params for s in spaces for u in units_of(s, np.zeros(s.size), graph.layer_of(s)))
+
+
+@dataclass
+class FixedHeads:
+    """FLAP's --remove_heads: ``count`` (weakest) query heads out of every selected attention, the rest of the
+    budget from the MLPs. Under --gqa_policy kv_heads they go as whole key-value groups with their query heads."""
+
+    count: int
+    round_to: int = 1
+
+    def allocate(self, context):
+        from pruners.engine import Allocation
+
+        graph, budget = context.graph, context.removable()
+        remove: dict[str, list[int]] = {}
+        spent = 0
+        for space in (s for s in context.spaces if s.kind in HEAD_KINDS):
+            chosen = fixed_head_units(graph, space, context.scores[space.name], self.count)
+            remove[space.name] = sorted(e for unit in chosen for e in unit.elements)
+            spent += sum(unit.params for unit in chosen)
+        channels = [s for s in context.spaces if s.kind == "channels"]
+        if spent > budget:
+            raise ValueError(f"--remove_heads {self.count} alone removes {spent:,} parameters, more than the "
+                             f"budget ({budget:,}): lower it or raise --pruning_ratio")
+        if channels and budget - spent > 0:
+            rest = allocate(graph, channels, context.scores, budget - spent, "UL-UM", self.round_to)
+            remove.update(rest.remove)
+        return Allocation(plan=Plan(remove=remove))
+
+    def heads_parameters(self, graph: DependencyGraph, spaces: list[Space]) -> int:
+        """Parameters the fixed head removal takes (refuses counts that cannot go)."""
+        return sum(unit.params for space in spaces if space.kind in HEAD_KINDS
+                   for unit in fixed_head_units(graph, space, np.zeros(space.size), self.count))
+
+    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection, settings) -> int:
+        return self.heads_parameters(graph, spaces) + removable_by_units(graph, [s for s in spaces
+                                                                              if s.kind == "channels"])
+
+
+def fixed_head_units(graph: DependencyGraph, space: Space, scores: np.ndarray, count: int) -> list[Unit]:
+    """The units that FLAP's --remove_heads ``count`` (query heads) takes from one attention space, weakest
+    first: one query head from every kv group per unit (query_heads), or one kv group with its query heads
+    (kv_heads). Refuses a count that does not split into whole units or leaves no head."""
+    layer = graph.layer_of(space)
+    units = units_of(space, scores, layer)
+    if space.kind == "kv_heads":
+        per_unit = graph.in_layer(layer, "heads").size // space.size
+        how = f"as whole key-value groups of {per_unit} (--gqa_policy kv_heads)"
+    else:
+        per_unit = len(units[0].elements) if units else 1
+        how = f"evenly from its {per_unit} key-value groups (--gqa_policy query_heads)"
+    if count % per_unit:
+        raise ValueError(f"--remove_heads {count} counts query heads, which {space.module} loses {how}: use a "
+                         f"multiple of {per_unit}")
+    if count // per_unit > len(units):
+        raise ValueError(f"--remove_heads {count} would leave {space.module} without query heads: at most "
+                         f"{len(units) * per_unit} can go {how}")
+    return units[: count // per_unit]
+
+
+@dataclass
+class LowestLayers:
+    """Drop the decoder layers of lowest score (block influence) until the budget is spent; one stays."""
+
+    def allocate(self, context):
+        from pruners.engine import Allocation
+
+        scores = context.scores["layers"]
+        sizes = layer_sizes(context.decoder_layers())
+        chosen, removed = [], 0
+        for index in np.argsort(scores, kind="stable"):
+            if len(chosen) == len(sizes) - 1 or removed + sizes[index] / 2 > context.budget:
+                break
+            chosen.append(int(index))
+            removed += sizes[index]
+        return Allocation(plan=Plan(layers=sorted(chosen)))
+
+    def capacity(self, graph: DependencyGraph, spaces, selection, settings) -> int:
+        sizes = layer_sizes(graph.rule.decoder_layers(graph.model))
+        return sum(sizes) - min(sizes)
+
+
+def layer_sizes(layers) -> list[int]:
+    return [sum(p.numel() for p in layer.parameters()) for layer in layers]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Plan, Space
-from pruners.calibration import InputStatistics
+from pruners.statistics import InputStatistics
 from pruners.estimators import input_linears
 
 

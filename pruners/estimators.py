@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from depgraph import DependencyGraph, Space
-from pruners.calibration import InputStatistics, collect_input_statistics
+from pruners.pipeline import progress
+from pruners.statistics import InputStatistics, collect_input_statistics
 
 GROUPING = {
     "sum": lambda stack: stack.sum(0),
@@ -26,10 +26,58 @@ GROUPING = {
 
 
 class Estimator(Protocol):
+    """Scores every element of the selected spaces (or, for layer estimators, every decoder layer)."""
+
     name: str
 
-    def scores(self, graph: DependencyGraph, spaces: list[Space], batches: torch.Tensor | None) -> dict[str, np.ndarray]:
+    def estimate(self, context) -> dict[str, np.ndarray]:
         ...
+
+
+class _WholeModel:
+    """Estimators that need no layer pass: they score from the weights, or from gradients of the whole model."""
+
+    def estimate(self, context) -> dict[str, np.ndarray]:
+        return self.scores(context.graph, context.spaces, context.batches)
+
+
+@dataclass
+class Uniform:
+    """No scores: the allocator spreads the budget evenly (LoRAP's common fraction)."""
+
+    name: str = "uniform"
+
+    def estimate(self, context) -> dict[str, np.ndarray]:
+        return {}
+
+
+@dataclass
+class BlockInfluence:
+    """Whole-layer importance: BI = 1 - cos(input, output) of a decoder layer, averaged over calibration
+    tokens (ShortGPT's measure, FLAT-LLM's layer score). A layer that barely turns its input is the cheapest
+    to drop. Computed in one pass of the layer pipeline."""
+
+    name: str = "block_influence"
+
+    def estimate(self, context) -> dict[str, np.ndarray]:
+        self._scores = np.zeros(len(context.decoder_layers()))
+        context.pipeline.run(context, [self], desc="block influence (layers)")
+        context.log(f"block influence per layer: {np.round(self._scores, 4).tolist()}")
+        return {"layers": self._scores}
+
+    def observes(self, context, index):
+        return {}
+
+    def on_layer(self, context, step) -> None:
+        from pruners.pipeline import hidden_of
+
+        total, count = 0.0, 0
+        for (args, kwargs), (out_args, out_kwargs) in zip(step.inputs, step.outputs):
+            cosine = F.cosine_similarity(hidden_of(args, kwargs).float(), hidden_of(out_args, out_kwargs).float(),
+                                         dim=-1)
+            total += (1 - cosine).sum().item()
+            count += cosine.numel()
+        self._scores[step.index] = total / max(count, 1)
 
 
 def per_element(space: Space, name: str, dim: int, values: np.ndarray) -> np.ndarray:
@@ -56,7 +104,7 @@ def _reduce_to_dim(tensor: torch.Tensor, dim: int) -> np.ndarray:
 
 
 @dataclass
-class MagnitudeEstimator:
+class MagnitudeEstimator(_WholeModel):
     """L1 / L2 norm of every slice of the group (LLM-Pruner's l1 / l2 baselines)."""
 
     p: int = 2
@@ -76,7 +124,7 @@ class MagnitudeEstimator:
 
 
 @dataclass
-class RandomEstimator:
+class RandomEstimator(_WholeModel):
     seed: int = 0
     name: str = "random"
 
@@ -89,7 +137,7 @@ TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
 
 
 @dataclass
-class TaylorEstimator:
+class TaylorEstimator(_WholeModel):
     """LLM-Pruner's gradient Taylor importance, element by element, summed over the group's slices.
 
     With g the gradient of the mean loss over the examples and H = mean over examples of g_s^2 (the diagonal
@@ -180,7 +228,7 @@ class TaylorEstimator:
         device = next(model.parameters()).device
         step = 1 if per_example else self.batch_size
         try:
-            for start in tqdm(range(0, batches.shape[0], step), desc="gradients", leave=False):
+            for start in progress(range(0, batches.shape[0], step), "gradients"):
                 ids = batches[start : start + step].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
@@ -246,8 +294,8 @@ class ActivationEstimator:
         return self.metric
 
     def scores(self, graph, spaces, batches, statistics: dict[str, InputStatistics] | None = None):
-        if self.metric not in ACTIVATION_METRICS:
-            raise ValueError(f"unknown metric {self.metric}: choose from {', '.join(ACTIVATION_METRICS)}")
+        """Scores of ``spaces`` from ``statistics`` (or from statistics gathered now on ``batches``)."""
+        self._check()
         layers = {space.name: input_linears(graph, space) for space in spaces}
         if statistics is None and self.metric != "mag_sp":
             if batches is None:
@@ -255,24 +303,69 @@ class ActivationEstimator:
             statistics = collect_input_statistics(graph.model, batches, sorted({m for v in layers.values() for m in v}),
                                                   layers=graph.rule.decoder_layers(graph.model))
         self.statistics = statistics
-        out = {}
-        for space in spaces:
-            if not layers[space.name]:
-                raise ValueError(f"{space.name} has no linear layer reading it: {self.metric} cannot score it")
-            vectors = {}
-            for module_name in layers[space.name]:
-                weight = graph.model.get_submodule(module_name).weight.detach().double().cpu()
-                columns = self._column_scores(weight, (statistics or {}).get(module_name))
-                if space.kind in HEAD_KINDS and self.metric in FLUCTUATION_METRICS:
-                    columns = columns ** 2  # FLAP squares the metric of the attention output's columns
-                if self.standardize_columns:
-                    columns = _standardized_columns(columns)
-                vectors[(f"{module_name}.weight", 1)] = columns
-            out[space.name] = reduce_parameters(space, vectors, "sum")
-            if self.standardize_columns:  # the mean over an element's columns, not their sum
-                positions = {key: np.ones_like(value) for key, value in vectors.items()}
-                out[space.name] = out[space.name] / np.maximum(reduce_parameters(space, positions, "sum"), 1)
-        return out
+        return {space.name: self.score_space(graph, space, statistics or {}, layers[space.name]) for space in spaces}
+
+    def estimate(self, context) -> dict[str, np.ndarray]:
+        """Layer by layer through the pipeline: a space is scored as soon as every linear reading it was
+        observed (the spaces of layer i at layer i, the hidden width after the head). Only the per-feature
+        sums stay, in ``context.statistics``, for bias compensation."""
+        self._check()
+        self._readers = {space.name: input_linears(context.graph, space) for space in context.spaces}
+        self._scores: dict[str, np.ndarray] = {}
+        self._kept: dict[str, InputStatistics] = {}
+        if self.metric == "mag_sp":
+            return self.scores(context.graph, context.spaces, None, statistics={})
+        if context.batches is None:
+            raise ValueError(f"{self.metric} needs calibration samples (--nsamples)")
+        context.pipeline.run(context, [self], desc="calibration (layers)")
+        context.statistics = self._kept
+        self.statistics = self._kept
+        return {space.name: self._scores[space.name] for space in context.spaces}
+
+    def observes(self, context, index):
+        inside = self._layer_modules(context, index)
+        return {name: False for names in self._readers.values() for name in names if inside(name)}
+
+    @staticmethod
+    def _layer_modules(context, index):
+        if index is None:
+            prefix = f"{context.rule.layers}."
+            return lambda name: not name.startswith(prefix)
+        prefix = f"{context.rule.layers}.{index}."
+        return lambda name: name.startswith(prefix)
+
+    def on_layer(self, context, step) -> None:
+        self._kept.update(step.statistics)
+        for space in context.spaces:
+            if space.name not in self._scores and all(name in self._kept for name in self._readers[space.name]):
+                self._scores[space.name] = self.score_space(context.graph, space, self._kept, self._readers[space.name])
+
+    after_layers = on_layer
+
+    def _check(self) -> None:
+        if self.metric not in ACTIVATION_METRICS:
+            raise ValueError(f"unknown metric {self.metric}: choose from {', '.join(ACTIVATION_METRICS)}")
+
+    def score_space(self, graph, space: Space, statistics: dict[str, InputStatistics],
+                    readers: list[str] | None = None) -> np.ndarray:
+        """One score per element of ``space`` from the statistics of the linears that read it."""
+        readers = input_linears(graph, space) if readers is None else readers
+        if not readers:
+            raise ValueError(f"{space.name} has no linear layer reading it: {self.metric} cannot score it")
+        vectors = {}
+        for module_name in readers:
+            weight = graph.model.get_submodule(module_name).weight.detach().double().cpu()
+            columns = self._column_scores(weight, statistics.get(module_name))
+            if space.kind in HEAD_KINDS and self.metric in FLUCTUATION_METRICS:
+                columns = columns ** 2  # FLAP squares the metric of the attention output's columns
+            if self.standardize_columns:
+                columns = _standardized_columns(columns)
+            vectors[(f"{module_name}.weight", 1)] = columns
+        score = reduce_parameters(space, vectors, "sum")
+        if self.standardize_columns:  # the mean over an element's columns, not their sum
+            positions = {key: np.ones_like(value) for key, value in vectors.items()}
+            score = score / np.maximum(reduce_parameters(space, positions, "sum"), 1)
+        return score
 
     def _column_scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> np.ndarray:
         if self.metric == "mag_sp":

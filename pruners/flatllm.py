@@ -15,6 +15,7 @@ inputs the already compressed layers before it produce.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,9 +23,7 @@ import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Plan
-from pruners.calibration import collect_input_statistics_on
-from pruners.layers import block_influence
-from pruners.streaming import capture_layer_inputs, run_layer
+from pruners.actions import record_removals
 
 
 def importance_preserving_ratios(importance: np.ndarray, sizes: np.ndarray, keep_total: float) -> np.ndarray:
@@ -99,83 +98,120 @@ def compressible_sizes(graph: DependencyGraph, selection: dict[str, list[int]]) 
     return layers, np.array(sizes, dtype=float)
 
 
-def flatllm_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
-                     selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
-    """``selection`` maps "self_attn" and "mlp" to the layers whose attention values / MLP are compressed."""
-    if settings.flatllm_mlp_score not in MLP_SCORES:
-        raise ValueError(f"unknown --flatllm_mlp_score {settings.flatllm_mlp_score}: choose from "
-                         f"{', '.join(MLP_SCORES)}")
-    model, rule = graph.model, graph.rule
-    decoder = rule.decoder_layers(model)
-    attention_layers, mlp_layers = set(selection.get("self_attn", [])), set(selection.get("mlp", []))
-    layers, sizes = compressible_sizes(graph, selection)
-    if budget > sizes.sum():
-        raise ValueError(f"the budget ({budget:,}) exceeds what FLAT-LLM can compress ({int(sizes.sum()):,}): "
-                         "lower --pruning_ratio")
-    influence = block_influence(model, decoder, batches)[layers]
-    ratios = importance_preserving_ratios(influence, sizes, sizes.sum() - budget)
-    log(f"FLAT-LLM kept ratio per layer: {np.round(ratios, 3).tolist()}")
-    inputs = capture_layer_inputs(model, decoder, batches, batch_size=8)
-    chosen = {index: (ratio, size) for index, ratio, size in zip(layers, ratios, sizes)}
-    carry = 0.0  # what earlier layers' whole dimensions and channels removed too few (or too many)
-    for index in range(len(decoder)):
-        if index in chosen and chosen[index][0] < 1.0:
-            ratio, size = chosen[index]
-            target = (1 - ratio) * size + carry
-            carry = target - _compress_layer(graph, index, ratio, target, inputs, index in attention_layers,
-                                             index in mlp_layers, settings.flatllm_mlp_score)
-        inputs = run_layer(decoder[index], inputs)
-    return {"ratios": dict(zip(layers, ratios.tolist())), "influence": influence.tolist()}
+@dataclass
+class ImportancePreserving:
+    """IPRS: each selected layer keeps a ratio proportional to its block influence (capped at 1, the excess
+    spread over the others), so that the total meets the budget; the per-layer targets are what goes."""
+
+    def allocate(self, context):
+        from pruners.engine import Allocation
+
+        layers, sizes = compressible_sizes(context.graph, context.selection)
+        if context.budget > sizes.sum():
+            raise ValueError(f"the budget ({context.budget:,}) exceeds what FLAT-LLM can compress "
+                             f"({int(sizes.sum()):,}): lower --pruning_ratio")
+        influence = context.scores["layers"][layers]
+        ratios = importance_preserving_ratios(influence, sizes, sizes.sum() - context.budget)
+        context.log(f"FLAT-LLM kept ratio per layer: {np.round(ratios, 3).tolist()}")
+        kept = {index: float(ratio) for index, ratio in zip(layers, ratios)}
+        return Allocation(layer_ratios=kept, layer_targets={index: (1 - kept[index]) * size
+                                                            for index, size in zip(layers, sizes)})
+
+    def capacity(self, graph, spaces, selection, settings) -> int:
+        return int(compressible_sizes(graph, selection)[1].sum())
 
 
-def _compress_layer(graph: DependencyGraph, index: int, ratio: float, target: float, inputs, attention_too: bool,
-                    mlp_too: bool, channel_score: str = "leverage") -> int:
-    """Compress layer ``index`` to about ``ratio``; the MLP's channel count absorbs the rounding of whole value
-    dimensions so that about ``target`` parameters go. Returns the parameters removed."""
-    model, rule = graph.model, graph.rule
-    layer = rule.decoder_layers(model)[index]
-    attention = layer.get_submodule(rule.attention)
-    values, first_row = rule.value_projection(attention)
-    down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
-    observed = {"values": values} if attention_too else {}
-    if mlp_too:
-        observed["down"] = down
-    stats = collect_input_statistics_on(layer, inputs, observed)
-    remove: dict[str, list[int]] = {}
-    removed = 0
-    if attention_too:  # rotate into the value PCA basis, then drop the weakest directions
+def _compressed(context, index: int, sublayer: str) -> bool:
+    return index is not None and index in context.selection.get(sublayer, []) and \
+        context.allocation.layer_ratios.get(index, 1.0) < 1.0
+
+
+@dataclass
+class RotateValues:
+    """FLAT-LLM's attention step: rotate every key-value head's values into their PCA basis (exact), then
+    remove the weakest value dimensions, keeping the layer's allocated ratio of them."""
+
+    @staticmethod
+    def _values(context, index: int) -> tuple[str, nn.Module, int]:
+        """Full name of the projection that computes the values, the module, and its first value row."""
+        prefix = context.layer_name(index, "self_attn")
+        attention = context.model.get_submodule(prefix)
+        values, first_row = context.rule.value_projection(attention)
+        name = next(n for n, m in attention.named_modules() if m is values)
+        return f"{prefix}.{name}", values, first_row
+
+    def observes(self, context, index):
+        return {self._values(context, index)[0]: True} if _compressed(context, index, "self_attn") else {}
+
+    def on_layer(self, context, step) -> None:
+        if not _compressed(context, step.index, "self_attn"):
+            return
+        rule, ratio = context.rule, context.allocation.layer_ratios[step.index]
+        attention = context.model.get_submodule(context.layer_name(step.index, "self_attn"))
+        values_name, values, first_row = self._values(context, step.index)
+        stats = step.statistics[values_name]
         head_dim = rule.value_head_dim(attention)
         queries, keys = rule.head_counts(attention)
         keep_dims = max(1, int(round(ratio * head_dim)))
+        output = attention.get_submodule(rule.output)
         with torch.no_grad():
-            _value_rotation(values, first_row, attention.get_submodule(rule.output), stats["values"].second_moment,
-                            stats["values"].count, head_dim, keys, queries)
+            _value_rotation(values, first_row, output, stats.second_moment, stats.count, head_dim, keys, queries)
+        context.record.add("rotate", layer=step.index, module=values_name,
+                           output=f"{context.layer_name(step.index, 'self_attn')}.{rule.output}",
+                           basis="value PCA per key-value head")
         if keep_dims < head_dim:
-            values_space = graph.in_layer(index, "head_dim")
-            remove[values_space.name] = list(range(keep_dims, head_dim))
-            removed += (head_dim - keep_dims) * values_space.parameter_count(0)
-    refit = None
-    if mlp_too:  # keep the channels of highest score and refit down_proj on them
-        width = rule.mlp_width(layer)
-        per_channel = graph.in_layer(index, "channels").parameter_count(0)
-        keep_channels = min(width, max(1, width - int(round((target - removed) / per_channel))))
-        removed += (width - keep_channels) * per_channel
-        gram = stats["down"].second_moment.double()
-        moment = gram / max(stats["down"].count, 1)
-        score = MLP_SCORES[channel_score](gram, moment, down.weight.detach())
-        kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep_channels])
-        if keep_channels < width:
-            remove[graph.in_layer(index, "channels").name] = sorted(set(range(width)) - set(kept.tolist()))
-            kept_t = torch.as_tensor(kept)
-            block = moment[kept_t][:, kept_t]
-            damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
-            # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
-            solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
-            refit = down.weight.detach().double().cpu() @ solution.T
-    if remove:
-        graph.apply(Plan(remove=remove))
-    if refit is not None:
-        down = layer.get_submodule(f"{rule.mlp}.{rule.down}")
+            space = context.graph.in_layer(step.index, "head_dim")
+            plan = Plan(remove={space.name: list(range(keep_dims, head_dim))})
+            record_removals(context, plan)
+            context.ledger.spend((head_dim - keep_dims) * space.parameter_count(0))
+            context.graph.apply(plan)
+
+
+@dataclass
+class KeepChannelsRefit:
+    """FLAT-LLM's MLP step: keep the channels of highest ``score`` (ridge leverage, or output energy), as
+    many as the layer's target still allows, and refit down_proj on them by least squares,
+    W' = W C[:, S] C[S, S]^-1 with C the second moment of its inputs."""
+
+    score: str = "leverage"
+
+    def __post_init__(self) -> None:
+        if self.score not in MLP_SCORES:
+            raise ValueError(f"unknown --flatllm_mlp_score {self.score}: choose from {', '.join(MLP_SCORES)}")
+
+    def _down(self, context, index: int) -> str:
+        return f"{context.layer_name(index, 'mlp')}.{context.rule.down}"
+
+    def observes(self, context, index):
+        return {self._down(context, index): True} if _compressed(context, index, "mlp") else {}
+
+    def on_layer(self, context, step) -> None:
+        if not _compressed(context, step.index, "mlp"):
+            return
+        down_name = self._down(context, step.index)
+        down = context.model.get_submodule(down_name)
+        space = context.graph.in_layer(step.index, "channels")
+        width, per_channel = space.size, space.parameter_count(0)
+        keep = min(width, max(1, width - int(round(context.ledger.due(step.index) / per_channel))))
+        if keep >= width:
+            return
+        stats = step.statistics[down_name]
+        gram = stats.second_moment.double()
+        moment = gram / max(stats.count, 1)
+        score = MLP_SCORES[self.score](gram, moment, down.weight.detach())
+        kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep])
+        kept_t = torch.as_tensor(kept)
+        block = moment[kept_t][:, kept_t]
+        damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
+        # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
+        solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
+        refit = down.weight.detach().double().cpu() @ solution.T
+        plan = Plan(remove={space.name: sorted(set(range(width)) - set(kept.tolist()))})
+        record_removals(context, plan)
+        context.ledger.spend((width - keep) * per_channel)
+        context.graph.apply(plan)
+        down = context.model.get_submodule(down_name)
         with torch.no_grad():
             down.weight.copy_(refit.to(down.weight.dtype))
-    return removed
+        context.record.add("refit", layer=step.index, module=down_name, method="least squares on kept channels",
+                           score=self.score)

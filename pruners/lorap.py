@@ -1,21 +1,16 @@
-"""LoRAP: attention factorized (AWSVD / AFM / SVD, the value path given more rank), MLP channels pruned by
-activation.
+"""LoRAP's allocation: every selected sub-layer loses one common fraction of its parameters; in a factorized
+sub-layer the ranks are shared so that the value path (``--para_allocate``) gets more rank than the rest.
 
 Which projections exist, which read the same input and which carry values comes from the architecture rule
 (separate q/k/v on LLaMA, a fused ``qkv_proj`` on Phi-3), never from names written here.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from depgraph import DependencyGraph
-from pruners.allocation import allocate
-from pruners.calibration import collect_input_statistics
-from pruners.estimators import ActivationEstimator
-from pruners.lowrank import factorize, shared_rank
+from pruners.factorization import shared_rank
 
 
 def _parameters(module: nn.Module) -> int:
@@ -29,57 +24,45 @@ def selected_parameters(model: nn.Module, rule, selection: dict[str, list[int]])
             + sum(_parameters(decoder[i].get_submodule(rule.mlp)) for i in selection.get("mlp", [])))
 
 
-def lorap_compress(graph: DependencyGraph, settings, batches: torch.Tensor, budget: int,
-                   selection: dict[str, list[int]], log: Callable[[str], None]) -> dict:
-    """Compress the selected sub-layers by one common fraction so that ``budget`` parameters go.
+@dataclass
+class SharedFraction:
+    """The budget as one fraction of the selected sub-layers; ranks for the sub-layers in ``factorized``
+    (LoRAP's differentiated allocation), and per-layer targets that the channel pruning meets."""
 
-    ``selection`` maps "self_attn" and "mlp" to the layers whose attention / MLP is compressed."""
-    model, rule = graph.model, graph.rule
-    decoder = rule.decoder_layers(model)
-    attention_layers, mlp_layers = selection.get("self_attn", []), selection.get("mlp", [])
-    selected = selected_parameters(model, rule, selection)
-    if budget > selected:
-        raise ValueError(f"the budget ({budget:,}) exceeds the selected sub-layers ({selected:,} parameters): "
-                         "lower --pruning_ratio or select more layers")
-    fraction = budget / selected if selected else 0.0
-    log(f"LoRAP: compressing the selected sub-layers by {fraction:.1%} of their parameters")
-    wanted = [f"{rule.layers}.{i}.{rule.attention}.{group[0]}" for i in attention_layers for group in rule.attention_inputs]
-    wanted += [f"{rule.layers}.{i}.{rule.mlp}.{group[0]}" for i in mlp_layers for group in rule.mlp_inputs]
-    stats = collect_input_statistics(model, batches, wanted, layers=decoder,
-                                     second_moments=settings.deco_method == "AFM")
-    report = {"fraction": fraction, "ranks": {}}
-    attention_before = sum(_parameters(decoder[i].get_submodule(rule.attention)) for i in attention_layers)
-    for index in attention_layers:
-        _factorize_sublayer(decoder[index].get_submodule(rule.attention), f"{rule.layers}.{index}.{rule.attention}",
-                            rule.attention_inputs, rule.value_path, fraction, settings, stats, report)
-    attention_removed = attention_before - sum(_parameters(decoder[i].get_submodule(rule.attention))
-                                               for i in attention_layers)
-    if mlp_layers and settings.mlp_compress_method == "prune":
-        spaces = [graph.in_layer(index, "channels") for index in mlp_layers]
-        # any activation estimator composes here (FLAP's fluctuation on the MLP, say): --mlp_metric
-        scores = ActivationEstimator(settings.mlp_metric).scores(graph, spaces, None, statistics=stats)
-        # the MLP's fine channels absorb what whole ranks could not hit, so the total meets the budget
-        mlp_budget = max(0, budget - attention_removed)
-        graph.apply(allocate(graph, spaces, scores, mlp_budget, "UL-UM", settings.round_to))
-    elif mlp_layers:
-        for index in mlp_layers:
-            _factorize_sublayer(decoder[index].get_submodule(rule.mlp), f"{rule.layers}.{index}.{rule.mlp}",
-                                rule.mlp_inputs, (), fraction, settings, stats, report)
-    return report
+    para_allocate: float = 3.0
+    factorized: tuple[str, ...] = ("self_attn",)
 
+    def allocate(self, context):
+        from pruners.engine import Allocation
 
-def _factorize_sublayer(parent: nn.Module, prefix: str, input_groups: tuple[tuple[str, ...], ...],
-                        favoured: tuple[str, ...], fraction: float, settings, stats, report: dict) -> None:
-    """Factorize every projection of one sub-layer, ranks shared so that ``fraction`` of its weights go;
-    projections in ``favoured`` get ``--para_allocate`` times the rank of the others."""
-    source_of = {name: group[0] for group in input_groups for name in group}
-    linears = {name: parent.get_submodule(name) for name in source_of}
-    shapes = [(m.in_features, m.out_features) for m in linears.values()]
-    weights = [settings.para_allocate if name in favoured else 1.0 for name in linears]
-    dense = sum(i * o for i, o in shapes)
-    ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
-    for (name, linear), rank in zip(linears.items(), ranks):
-        source = stats.get(f"{prefix}.{source_of[name]}")
-        new = factorize(linear, rank, settings.deco_method, source, real_com=settings.real_com)
-        setattr(parent, name, new)
-        report["ranks"][f"{prefix}.{name}"] = getattr(new, "rank", None)
+        model, rule = context.model, context.rule
+        selected = selected_parameters(model, rule, context.selection)
+        if context.budget > selected:
+            raise ValueError(f"the budget ({context.budget:,}) exceeds the selected sub-layers ({selected:,} "
+                             "parameters): lower --pruning_ratio or select more layers")
+        fraction = context.budget / selected if selected else 0.0
+        context.log(f"LoRAP: compressing the selected sub-layers by {fraction:.1%} of their parameters")
+        allocation = Allocation()
+        for sublayer in ("self_attn", "mlp"):
+            for index in context.selection.get(sublayer, []):
+                prefix = context.layer_name(index, sublayer)
+                parent = model.get_submodule(prefix)
+                allocation.layer_targets[index] = (allocation.layer_targets.get(index, 0.0)
+                                                   + fraction * _parameters(parent))
+                if sublayer in self.factorized:
+                    allocation.ranks.update(self._ranks(parent, prefix, sublayer, rule, fraction))
+        return allocation
+
+    def _ranks(self, parent: nn.Module, prefix: str, sublayer: str, rule, fraction: float) -> dict[str, int]:
+        groups = rule.attention_inputs if sublayer == "self_attn" else rule.mlp_inputs
+        favoured = rule.value_path if sublayer == "self_attn" else ()
+        names = [name for group in groups for name in group]
+        linears = [parent.get_submodule(name) for name in names]
+        shapes = [(m.in_features, m.out_features) for m in linears]
+        weights = [self.para_allocate if name in favoured else 1.0 for name in names]
+        dense = sum(i * o for i, o in shapes)
+        ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
+        return {f"{prefix}.{name}": rank for name, rank in zip(names, ranks)}
+
+    def capacity(self, graph, spaces, selection, settings) -> int:
+        return selected_parameters(graph.model, graph.rule, selection)

@@ -1,11 +1,11 @@
-"""Methods = estimator + allocation structure + action, declared once, reachable by name."""
+"""The method registry: every method a composition of a selection, an estimator, an allocator and a list of
+actions (``pruners.engine``), and ``prune_model``, which runs any of them, named or built in Python."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -13,9 +13,16 @@ from corpora import calibration_batches
 from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
 from evaluation.stats import count_parameters
-from pruners.allocation import Unit, allocate, units_of
-from pruners.compensation import bias_parameters_added, compensate_bias
-from pruners.estimators import HEAD_KINDS, ActivationEstimator, MagnitudeEstimator, RandomEstimator, TaylorEstimator
+from pruners.actions import CompensateBias, Factorize, PruneChannels, RemoveStructures
+from pruners.allocation import ByUnits, FixedHeads, LowestLayers
+from pruners.engine import Context, run_steps
+from pruners.estimators import (ActivationEstimator, BlockInfluence, MagnitudeEstimator, RandomEstimator,
+                                TaylorEstimator, Uniform)
+from pruners.flatllm import ImportancePreserving, KeepChannelsRefit, RotateValues
+from pruners.lorap import SharedFraction
+from pruners.pipeline import PROPAGATIONS, LayerPipeline
+from pruners.record import ActionRecord
+from pruners.statistics import model_head
 
 
 @dataclass
@@ -32,7 +39,7 @@ class PruneSettings:
     bias_compensation: bool | None = None  # method default when None
     gqa_policy: str = "query_heads"  # query_heads: even inside kv groups | kv_heads: whole kv groups
     sublayer: str | None = None  # "mlp", "self_attn" or "self_attn,mlp" (method default when None)
-    mode: str = "block"  # block: heads and MLP channels | channel: hidden width | layer: whole decoder layers
+    mode: str | None = None  # block: heads and MLP channels | channel: hidden width | layer: whole layers (None: the method's)
     block_attention_layer_start: int = 0
     block_attention_layer_end: int | None = None
     block_mlp_layer_start: int = 0
@@ -53,17 +60,52 @@ class PruneSettings:
     remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
     # FLAT-LLM's MLP channel score: leverage (the paper's ridge leverage) | energy (E[h^2] ||W_down[:, j]||^2)
     flatllm_mlp_score: str = "leverage"
+    # what layer i + 1 is calibrated on after layer i was acted on: dense or compressed outputs (None: the method's)
+    propagate: str | None = None
+
+
+MODES = ("block", "channel", "layer")
+SUBLAYERS = ("self_attn", "mlp")
+
+
+def prunable_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[str, list[int]]) -> list[Space]:
+    """Heads (or kv groups, --gqa_policy) and MLP channels of the selected layers; the hidden width in channel
+    mode."""
+    if settings.mode == "channel":
+        return graph.of_kind("hidden")
+    head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
+    if head_kind is None:
+        raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
+    kinds = {head_kind: set(selection["self_attn"]), "channels": set(selection["mlp"])}
+    return [space for space in graph.spaces if graph.layer_of(space) in kinds.get(space.kind, ())]
+
+
+def mlp_channel_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[str, list[int]]) -> list[Space]:
+    """The MLP channels of the selected layers (what LoRAP prunes; its attention is factorized)."""
+    return [graph.in_layer(index, "channels") for index in selection["mlp"]]
+
+
+def no_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[str, list[int]]) -> list[Space]:
+    """Methods that act on layers or modules, not on spaces."""
+    return []
 
 
 @dataclass(frozen=True)
-class Method:
+class Composition:
+    """A method: which spaces are selected, one estimator, one allocator and a list of actions, each built
+    from the settings. ``reads``: the settings it reads besides the common ones (any other flag given is
+    refused). ``propagate``: what the next layer is calibrated on after a layer action (dense/compressed)."""
+
     description: str
-    make_estimator: Callable[[PruneSettings], object] | None
-    structure: str
-    bias_compensation: bool
-    samples: Callable[[PruneSettings], int]
+    estimator: Callable[[PruneSettings], object]
+    allocator: Callable[[PruneSettings], object]
+    actions: Callable[[PruneSettings], list]
+    select: Callable[[DependencyGraph, PruneSettings, dict], list[Space]] = prunable_spaces
+    samples: Callable[[PruneSettings], int] = lambda settings: settings.nsamples
+    reads: frozenset[str] = frozenset()
+    modes: tuple[str, ...] = ("block", "channel")
     sublayer: str = "mlp"
-    action: str = "remove"  # remove: slices out | lorap: factorize attention, prune MLP
+    propagate: str = "dense"
 
 
 def _llm_pruner_estimator(settings: PruneSettings):
@@ -78,26 +120,130 @@ def _llm_pruner_estimator(settings: PruneSettings):
     return kinds[settings.pruner_type]()
 
 
-METHODS: dict[str, Method] = {
-    "llm_pruner": Method(
+def units_allocator(settings: PruneSettings):
+    """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention."""
+    if settings.remove_heads >= 0 and settings.mode == "block":
+        return FixedHeads(settings.remove_heads, settings.round_to)
+    return ByUnits(settings.structure or "UL-UM", settings.round_to)
+
+
+def removal(settings: PruneSettings) -> list:
+    return [RemoveStructures()]
+
+
+def compensated_removal(settings: PruneSettings) -> list:
+    """FLAP's actions: bias compensation, then removal (``--bias_compensation False`` drops the first)."""
+    return ([CompensateBias()] if settings.bias_compensation in (None, True) else []) + [RemoveStructures()]
+
+
+def optional_compensation(settings: PruneSettings) -> list:
+    """Removal, with bias compensation only when asked (--bias_compensation True)."""
+    return ([CompensateBias()] if settings.bias_compensation else []) + [RemoveStructures()]
+
+
+def lorap_actions(settings: PruneSettings) -> list:
+    """Factorize the attention; prune the MLP channels by --mlp_metric, or factorize the MLP (decom)."""
+    actions = [Factorize("self_attn", settings.deco_method, settings.real_com)]
+    if settings.mlp_compress_method == "decom":
+        return actions + [Factorize("mlp", settings.deco_method, settings.real_com)]
+    return actions + [PruneChannels(ActivationEstimator(settings.mlp_metric), settings.round_to)]
+
+
+REMOVING = frozenset({"structure", "gqa_policy", "remove_heads", "round_to"})
+METHODS: dict[str, Composition] = {
+    "llm_pruner": Composition(
         "LLM-Pruner: gradient Taylor (or l1/l2/random) importance, uniform ratio per layer",
-        _llm_pruner_estimator, "UL-UM", False,
-        lambda s: s.num_examples if s.pruner_type == "taylor" else 0,
+        _llm_pruner_estimator, units_allocator, removal,
+        samples=lambda s: s.num_examples if s.pruner_type == "taylor" else 0,
+        reads=REMOVING | {"pruner_type", "taylor", "grouping_strategy", "num_examples"},
     ),
-    "flap": Method(
+    "flap": Composition(
         "FLAP: fluctuation of o_proj/down_proj inputs, bias compensation (--structure AL-AM for its adaptive ranking)",
         lambda s: ActivationEstimator(s.metrics, standardize_columns=(s.structure or "UL-UM") != "UL-UM"),
-        "UL-UM", True, lambda s: s.nsamples,
+        units_allocator, compensated_removal, reads=REMOVING | {"metrics", "bias_compensation", "nsamples"},
     ),
-    "wanda_sp": Method("Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"),
-                       "UL-UM", False, lambda s: s.nsamples),
-    "mag_sp": Method("magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
-                     "UL-UM", False, lambda s: 0),
-    "flatllm": Method("FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
-                      None, "UL-UM", False, lambda s: s.nsamples, sublayer="self_attn,mlp", action="flatllm"),
-    "lorap": Method("LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
-                    None, "UL-UM", False, lambda s: s.nsamples, sublayer="self_attn,mlp", action="lorap"),
+    "wanda_sp": Composition(
+        "Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"), units_allocator,
+        optional_compensation, reads=REMOVING | {"bias_compensation", "nsamples"},
+    ),
+    "mag_sp": Composition(
+        "magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
+        units_allocator, removal, samples=lambda s: 0, reads=REMOVING,
+    ),
+    "lorap": Composition(
+        "LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
+        lambda s: Uniform(),
+        lambda s: SharedFraction(s.para_allocate, ("self_attn", "mlp") if s.mlp_compress_method == "decom"
+                                 else ("self_attn",)),
+        lorap_actions, select=mlp_channel_spaces, modes=("block",), sublayer="self_attn,mlp",
+        reads=frozenset({"deco_method", "para_allocate", "mlp_compress_method", "mlp_metric", "real_com",
+                         "nsamples", "round_to", "propagate"}),
+    ),
+    "flatllm": Composition(
+        "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
+        lambda s: BlockInfluence(), lambda s: ImportancePreserving(),
+        lambda s: [RotateValues(), KeepChannelsRefit(s.flatllm_mlp_score)], select=no_spaces, modes=("block",),
+        sublayer="self_attn,mlp", propagate="compressed",
+        reads=frozenset({"flatllm_mlp_score", "nsamples", "propagate"}),
+    ),
+    "layer_wise": Composition(
+        "ShortGPT-style layer removal: the decoder layers of lowest block influence go first",
+        lambda s: BlockInfluence(), lambda s: LowestLayers(), removal, select=no_spaces, modes=("layer",),
+        reads=frozenset({"nsamples"}),
+    ),
 }
+
+# Read by every method; the block selection only in block mode.
+COMMON_SETTINGS = frozenset({"prune_method", "pruning_ratio", "calibration", "seq_len", "seed", "data_dir", "mode"})
+BLOCK_SETTINGS = frozenset({"sublayer", "block_attention_layer_start", "block_attention_layer_end",
+                            "block_mlp_layer_start", "block_mlp_layer_end"})
+NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads"})
+
+
+def composition_of(settings: PruneSettings) -> Composition:
+    if settings.prune_method not in METHODS:
+        raise ValueError(f"unknown --prune_method {settings.prune_method}: choose from {', '.join(METHODS)}")
+    return METHODS[settings.prune_method]
+
+
+def resolved(settings: PruneSettings, composition: Composition | None = None) -> PruneSettings:
+    """``settings`` with the method's defaults filled in (mode, sub-layers, propagation), checked against
+    what the method can do."""
+    composition = composition or composition_of(settings)
+    mode = settings.mode or composition.modes[0]
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode}: choose from {', '.join(MODES)}")
+    if mode not in composition.modes:
+        able = [name for name, method in METHODS.items() if mode in method.modes]
+        raise ValueError(f"--prune_method {settings.prune_method} does not prune in {mode} mode (it works "
+                         f"{' or '.join(composition.modes)}-wise): use --prune_method {' or '.join(able)}")
+    if settings.propagate is not None and settings.propagate not in PROPAGATIONS:
+        raise ValueError(f"unknown --propagate {settings.propagate}: choose from {', '.join(PROPAGATIONS)}")
+    return replace(settings, mode=mode, sublayer=settings.sublayer or composition.sublayer,
+                   propagate=settings.propagate or composition.propagate)
+
+
+def unread_settings(settings: PruneSettings, composition: Composition | None = None) -> list[str]:
+    """The settings given (different from the defaults) that the method, in its mode, does not read."""
+    composition = composition or composition_of(settings)
+    mode = settings.mode or composition.modes[0]
+    reads = COMMON_SETTINGS | composition.reads | (BLOCK_SETTINGS if mode == "block" else frozenset())
+    if mode != "block":
+        reads = reads - NOT_IN_CHANNEL_MODE
+    defaults = PruneSettings()
+    return [f.name for f in fields(PruneSettings)
+            if f.name not in reads and getattr(settings, f.name) != getattr(defaults, f.name)]
+
+
+def check_settings_read(settings: PruneSettings, composition: Composition | None = None) -> None:
+    """Refuse a flag the chosen method does not read, instead of silently ignoring it."""
+    unread = unread_settings(settings, composition)
+    if unread:
+        mode = settings.mode or (composition or composition_of(settings)).modes[0]
+        flags = ", ".join(f"--{name}" for name in unread)
+        raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} not read by --prune_method "
+                         f"{settings.prune_method} in {mode} mode: drop {'it' if len(unread) == 1 else 'them'}, or "
+                         f"choose a method that reads {'it' if len(unread) == 1 else 'them'} (README, method table)")
 
 
 @dataclass
@@ -106,10 +252,15 @@ class PruneReport:
     params_before: int
     params_after: int
     budget: int
-    plan: Plan
+    record: ActionRecord
     layer_shapes: list[dict]
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Plan:
+        """The removals of the record as one plan."""
+        return self.record.plan()
 
     @property
     def asked_ratio(self) -> float:
@@ -128,12 +279,6 @@ class PruneReport:
         )
 
 
-MODES = ("block", "channel", "layer")
-
-
-SUBLAYERS = ("self_attn", "mlp")
-
-
 def selected_sublayers(settings: PruneSettings) -> set[str]:
     """The sub-layers ``--sublayer`` names (``mlp`` when unset)."""
     sublayers = {part.strip() for part in (settings.sublayer or "mlp").split(",") if part.strip()}
@@ -144,7 +289,10 @@ def selected_sublayers(settings: PruneSettings) -> set[str]:
 
 def sublayer_selection(settings: PruneSettings, num_layers: int) -> dict[str, list[int]]:
     """The layers whose attention ("self_attn") and whose MLP ("mlp") are compressed: ``--sublayer`` with the
-    ``--block_attention_layer_*`` and ``--block_mlp_layer_*`` ranges. Every method reads it the same way."""
+    ``--block_attention_layer_*`` and ``--block_mlp_layer_*`` ranges. Every method reads it the same way;
+    outside block mode every layer counts."""
+    if settings.mode not in (None, "block"):
+        return {sublayer: list(range(num_layers)) for sublayer in SUBLAYERS}
     sublayers = selected_sublayers(settings)
     ranges = {
         "self_attn": (settings.block_attention_layer_start, settings.block_attention_layer_end),
@@ -160,15 +308,12 @@ def sublayer_selection(settings: PruneSettings, num_layers: int) -> dict[str, li
     return selection
 
 
-def select_spaces(graph: DependencyGraph, settings: PruneSettings) -> list[Space]:
-    if settings.mode == "channel":
-        return graph.of_kind("hidden")
-    head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
-    if head_kind is None:
-        raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
-    selection = sublayer_selection(settings, graph.num_layers)
-    kinds = {head_kind: set(selection["self_attn"]), "channels": set(selection["mlp"])}
-    return [space for space in graph.spaces if graph.layer_of(space) in kinds.get(space.kind, ())]
+def select_spaces(graph: DependencyGraph, settings: PruneSettings, composition: Composition | None = None
+                  ) -> list[Space]:
+    """The spaces the method selects on ``graph``."""
+    composition = composition or composition_of(settings)
+    settings = resolved(settings, composition)
+    return composition.select(graph, settings, sublayer_selection(settings, graph.num_layers))
 
 
 def validate_ratio(ratio: float) -> None:
@@ -177,105 +322,42 @@ def validate_ratio(ratio: float) -> None:
 
 
 def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Callable[[str], None] = print,
-                batches: torch.Tensor | None = None) -> PruneReport:
-    """Score, allocate and remove, in place. Returns what was asked and what was achieved.
+                batches: torch.Tensor | None = None, method: Composition | None = None,
+                device: torch.device | str | None = None) -> PruneReport:
+    """Run a method on ``model`` in place: the registry's ``settings.prune_method``, or ``method`` (a
+    ``Composition`` built in Python). Returns what was asked, what was achieved and the record of actions.
 
-    ``batches`` ([n, seq_len] token ids) replaces the calibration set named in ``settings`` when given.
+    ``batches`` ([n, seq_len] token ids) replaces the calibration set named in ``settings`` when given;
+    ``device``: where each layer runs during calibration (None: where it is).
     """
     validate_ratio(settings.pruning_ratio)
-    if settings.mode not in MODES:
-        raise ValueError(f"unknown mode {settings.mode}: choose from {', '.join(MODES)}")
-    if settings.prune_method not in METHODS:
-        raise ValueError(f"unknown --prune_method {settings.prune_method}: choose from {', '.join(METHODS)}")
-    method = METHODS[settings.prune_method]
-    if settings.sublayer is None:
-        settings = replace(settings, sublayer=method.sublayer)
+    composition = method or composition_of(settings)
+    check_settings_read(settings, composition)
+    settings = resolved(settings, composition)
     start = time.perf_counter()
-    stages: dict[str, float] = {}
     before = count_parameters(model)
     budget = int(round(settings.pruning_ratio * before))
     graph = DependencyGraph.build(model)
-    stages["trace"] = time.perf_counter() - start
-    samples = settings.nsamples if settings.mode == "layer" else method.samples(settings)
-    batches = _calibration(tokenizer, settings, samples, batches)
-    if settings.mode == "layer":
-        plan = _layer_plan(model, graph, settings, budget, batches, log)
-        graph.apply(plan)
-        return _report(model, settings, before, budget, plan, start, stages)
-    if method.action == "lorap":
-        from pruners.lorap import lorap_compress
-
-        lorap_compress(graph, settings, batches, budget, sublayer_selection(settings, graph.num_layers), log)
-        refresh_config(model, graph.rule)
-        return _report(model, settings, before, budget, Plan(), start, stages)
-    if method.action == "flatllm":
-        from pruners.flatllm import flatllm_compress
-
-        flatllm_compress(graph, settings, batches, budget, sublayer_selection(settings, graph.num_layers), log)
-        return _report(model, settings, before, budget, Plan(), start, stages)
-    spaces = select_spaces(graph, settings)
-    estimator = method.make_estimator(settings)
-    tick = time.perf_counter()
-    log(f"scoring {len(spaces)} spaces with {estimator.name} on {samples} calibration windows")
-    scores = estimator.scores(graph, spaces, batches) if budget else {s.name: np.zeros(s.size) for s in spaces}
-    stages["estimate"] = time.perf_counter() - tick
-    structure = settings.structure or method.structure
-    use_bias = method.bias_compensation if settings.bias_compensation is None else settings.bias_compensation
-    removable = budget + (bias_parameters_added(graph, spaces) if use_bias and budget else 0)
-    if settings.remove_heads >= 0 and budget:
-        plan = _fixed_heads_plan(graph, spaces, scores, removable, settings)
-    else:
-        standardize = not getattr(estimator, "comparable_across_spaces", False)
-        plan = allocate(graph, spaces, scores, removable, structure, settings.round_to,
-                        standardize=standardize) if budget else Plan()
-    tick = time.perf_counter()
-    if use_bias and not plan.is_empty():
-        statistics = getattr(estimator, "statistics", None)
-        compensate_bias(graph, plan, statistics)
-    graph.apply(plan)
-    stages["apply"] = time.perf_counter() - tick
-    return _report(model, settings, before, budget, plan, start, stages)
-
-
-def fixed_head_units(graph: DependencyGraph, space: Space, scores: np.ndarray, count: int) -> list[Unit]:
-    """The units that FLAP's --remove_heads ``count`` (query heads) takes from one attention space, weakest
-    first: one query head from every kv group per unit (query_heads), or one kv group with its query heads
-    (kv_heads). Refuses a count that does not split into whole units or leaves no head."""
-    layer = graph.layer_of(space)
-    units = units_of(space, scores, layer)
-    if space.kind == "kv_heads":
-        per_unit = graph.in_layer(layer, "heads").size // space.size
-        how = f"as whole key-value groups of {per_unit} (--gqa_policy kv_heads)"
-    else:
-        per_unit = len(units[0].elements) if units else 1
-        how = f"evenly from its {per_unit} key-value groups (--gqa_policy query_heads)"
-    if count % per_unit:
-        raise ValueError(f"--remove_heads {count} counts query heads, which {space.module} loses {how}: use a "
-                         f"multiple of {per_unit}")
-    if count // per_unit > len(units):
-        raise ValueError(f"--remove_heads {count} would leave {space.module} without query heads: at most "
-                         f"{len(units) * per_unit} can go {how}")
-    return units[: count // per_unit]
-
-
-def _fixed_heads_plan(graph: DependencyGraph, spaces: list[Space], scores: dict[str, np.ndarray], budget: int,
-                      settings: PruneSettings) -> Plan:
-    """FLAP's --remove_heads: the same number of (weakest) query heads out of every attention, the rest of the
-    budget from the MLPs. Under --gqa_policy kv_heads they go as whole key-value groups with their query heads."""
-    remove: dict[str, list[int]] = {}
-    spent = 0
-    for space in (s for s in spaces if s.kind in HEAD_KINDS):
-        chosen = fixed_head_units(graph, space, scores[space.name], settings.remove_heads)
-        remove[space.name] = sorted(e for unit in chosen for e in unit.elements)
-        spent += sum(unit.params for unit in chosen)
-    channels = [s for s in spaces if s.kind == "channels"]
-    if spent > budget:
-        raise ValueError(f"--remove_heads {settings.remove_heads} alone removes {spent:,} parameters, more than the "
-                         f"budget ({budget:,}): lower it or raise --pruning_ratio")
-    if channels and budget - spent > 0:
-        rest = allocate(graph, channels, scores, budget - spent, "UL-UM", settings.round_to)
-        remove.update(rest.remove)
-    return Plan(remove=remove)
+    stages = {"trace": time.perf_counter() - start}
+    selection = sublayer_selection(settings, graph.num_layers)
+    spaces = composition.select(graph, settings, selection)
+    record = ActionRecord(method=settings.prune_method if method is None else "custom")
+    if budget:
+        batches = _calibration(tokenizer, settings, composition.samples(settings), batches)
+        rule = graph.rule
+        pipeline = None if batches is None else LayerPipeline(
+            model, lambda: rule.decoder_layers(model), batches, head=lambda: model_head(model), device=device)
+        context = Context(model, graph, settings, budget, selection, spaces, batches, pipeline, record, log,
+                          propagate=settings.propagate)
+        estimator, allocator = composition.estimator(settings), composition.allocator(settings)
+        log(f"{record.method}: {getattr(estimator, 'name', type(estimator).__name__)} estimator, "
+            f"{type(allocator).__name__} allocation, {len(spaces)} spaces, "
+            f"{0 if batches is None else batches.shape[0]} calibration windows")
+        tick = time.perf_counter()
+        run_steps(context, estimator, allocator, composition.actions(settings))
+        stages["compress"] = time.perf_counter() - tick
+        refresh_config(model, rule)
+    return _report(model, settings, before, budget, record, start, stages)
 
 
 def _calibration(tokenizer, settings: PruneSettings, samples: int, given: torch.Tensor | None) -> torch.Tensor | None:
@@ -288,28 +370,10 @@ def _calibration(tokenizer, settings: PruneSettings, samples: int, given: torch.
                                data_dir=settings.data_dir)
 
 
-def _report(model, settings, before, budget, plan, start, stages) -> PruneReport:
+def _report(model, settings, before, budget, record, start, stages) -> PruneReport:
     after = count_parameters(model)
     shapes = getattr(model.config, "layer_shapes", None) or [
         {"num_attention_heads": model.config.num_attention_heads,
          "num_key_value_heads": model.config.num_key_value_heads,
          "intermediate_size": model.config.intermediate_size}] * model.config.num_hidden_layers
-    return PruneReport(settings.prune_method, before, after, budget, plan, shapes, time.perf_counter() - start, stages)
-
-
-def _layer_plan(model, graph: DependencyGraph, settings: PruneSettings, budget: int, batches: torch.Tensor,
-                log) -> Plan:
-    """Drop the decoder layers with the lowest block influence until the budget is spent."""
-    from pruners.layers import block_influence
-
-    layers = graph.rule.decoder_layers(model)
-    scores = block_influence(model, layers, batches)
-    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    log(f"block influence per layer: {np.round(scores, 4).tolist()}")
-    chosen, removed = [], 0
-    for index in np.argsort(scores, kind="stable"):
-        if len(chosen) == len(layers) - 1 or removed + sizes[index] / 2 > budget:
-            break
-        chosen.append(int(index))
-        removed += sizes[index]
-    return Plan(layers=sorted(chosen))
+    return PruneReport(record.method, before, after, budget, record, shapes, time.perf_counter() - start, stages)

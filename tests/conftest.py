@@ -53,3 +53,16 @@ def arch(request) -> str:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def settings_for(method: str, **values):
+    """PruneSettings for ``method`` from ``values``, leaving out the calibration counts it does not read
+    (``nsamples`` for gradient methods, ``num_examples`` for activation methods), which it would refuse."""
+    from pruners import PruneSettings
+    from pruners.methods import METHODS
+
+    reads = METHODS[method].reads
+    for name in ("nsamples", "num_examples"):
+        if name not in reads:
+            values.pop(name, None)
+    return PruneSettings(prune_method=method, **values)

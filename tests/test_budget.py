@@ -54,8 +54,9 @@ def test_attention_alone_meets_the_budget(gqa_policy, ratio, batches):
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("mode,structure", [("block", "UL-UM"), ("block", "AL-AM"), ("channel", "UL-UM")])
 def test_bias_compensation_is_counted(mode, structure, ratio, batches):
+    selection = {"sublayer": "self_attn,mlp"} if mode == "block" else {}
     _check(PruneSettings(prune_method="flap", pruning_ratio=ratio, structure=structure, mode=mode, nsamples=6,
-                         sublayer="self_attn,mlp"), batches)
+                         **selection), batches)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

@@ -13,11 +13,10 @@ import torch
 
 from modelio import save_model
 from pruners import METHODS, PruneSettings, prune_model
-from tests.conftest import COMMON, TINY_CONFIGS, tiny_model
+from tests.conftest import COMMON, TINY_CONFIGS, settings_for, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {name: {"sublayer": "self_attn,mlp"} for name in METHODS}
-SETTINGS["llm_pruner"].update(num_examples=2)
+SETTINGS = {name: {"sublayer": "self_attn,mlp"} if "block" in method.modes else {} for name, method in METHODS.items()}
 SETTINGS["flap_channel_wise"] = {"mode": "channel"}
 
 
@@ -29,7 +28,7 @@ def saved_models(tmp_path_factory) -> Path:
         for name, extra in SETTINGS.items():
             method = name.removesuffix("_channel_wise")
             model = tiny_model(arch)
-            prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=4, **extra),
+            prune_model(model, None, settings_for(method, pruning_ratio=0.2, nsamples=4, num_examples=2, **extra),
                         log=lambda _: None, batches=batches)
             save_model(model, None, root / f"{arch}-{name}")
     return root

@@ -11,7 +11,7 @@ import torch
 
 from modelio import LowRankLinear, load_model, save_model
 from pruners import PruneSettings, count_parameters, prune_model
-from pruners.lowrank import factorize, factors, max_useful_rank, shared_rank
+from pruners.factorization import factorize, factors, max_useful_rank, shared_rank
 from tests.conftest import COMMON, tiny_model
 
 
@@ -26,7 +26,7 @@ def _layer_and_stats(seed: int = 0):
 
 
 def collect_input_statistics_plain(inputs):
-    from pruners.calibration import InputStatistics
+    from pruners.statistics import InputStatistics
 
     x = inputs.double()
     return InputStatistics(x.shape[0], x.sum(0), (x * x).sum(0), x.T @ x)

@@ -17,7 +17,7 @@ from depgraph import DependencyGraph
 from modelio import load_model, save_model
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, TaylorEstimator
-from tests.conftest import COMMON, tiny_model
+from tests.conftest import COMMON, settings_for, tiny_model
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_taylor_param_first_is_w_times_the_gradient_of_the_mean_loss(batch_size,
 ])
 def test_budget_is_met_within_granularity(method, extra, batches):
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=6, num_examples=4, **extra)
+    settings = settings_for(method, pruning_ratio=0.2, nsamples=6, num_examples=4, **extra)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert report.params_after == count_parameters(model)
     granularity = 2 * COMMON["hidden_size"] * 8 * 2 / report.params_before  # one round of query heads
@@ -203,7 +203,7 @@ def test_save_refuses_the_input_folder_and_pickles(tmp_path):
 
 
 def test_layer_streamed_statistics_equal_whole_model_statistics(batches):
-    from pruners.calibration import collect_input_statistics
+    from pruners.statistics import collect_input_statistics
 
     model = tiny_model("qwen2")
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(3)] + ["model.layers.1.self_attn.o_proj"]
@@ -216,21 +216,38 @@ def test_layer_streamed_statistics_equal_whole_model_statistics(batches):
         assert torch.allclose(whole[name].variance, streamed[name].variance, rtol=1e-6)
 
 
-def test_layer_wise_drops_the_least_influential_layers(batches):
-    from pruners.layers import block_influence
+def _block_influence(model, batches) -> np.ndarray:
+    """1 - cos(input, output) of every decoder layer, from the full model's hidden states."""
+    with torch.no_grad():
+        hidden = model(input_ids=batches, output_hidden_states=True).hidden_states
+    layers = len(model.model.layers)
+    # the last entry of hidden_states has the final norm applied: take the last layer's raw output by hook
+    outputs = []
+    handle = model.model.layers[-1].register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=batches)
+    handle.remove()
+    after = list(hidden[1:layers]) + outputs
+    return np.array([(1 - torch.nn.functional.cosine_similarity(hidden[i], after[i], dim=-1)).mean().item()
+                     for i in range(layers)])
 
+
+def test_layer_wise_drops_the_least_influential_layers(batches):
     model = tiny_model("llama")
-    scores = block_influence(model, model.model.layers, batches)
+    scores = _block_influence(model, batches)
     assert scores.shape == (COMMON["num_hidden_layers"],) and (scores >= 0).all()
-    settings = PruneSettings(prune_method="wanda_sp", mode="layer", pruning_ratio=0.25, nsamples=6)
+    settings = PruneSettings(prune_method="layer_wise", pruning_ratio=0.25, nsamples=6)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert report.plan.layers == [int(np.argmin(scores))]
+    assert report.record.of("remove_layers") == [{"action": "remove_layers", "layers": [int(np.argmin(scores))]}]
     assert model.config.num_hidden_layers == COMMON["num_hidden_layers"] - 1
 
 
 def test_channel_wise_prunes_the_hidden_width(batches):
     model = tiny_model("llama")
     settings = PruneSettings(prune_method="wanda_sp", mode="channel", pruning_ratio=0.1, nsamples=6)
+    with pytest.raises(ValueError, match="--sublayer is not read by --prune_method wanda_sp in channel mode"):
+        prune_model(tiny_model("llama"), None, replace(settings, sublayer="self_attn"), batches=batches)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert model.config.hidden_size < COMMON["hidden_size"]
     assert abs(report.achieved_ratio - 0.1) < 0.03
@@ -282,7 +299,7 @@ def test_remove_heads_takes_the_same_heads_from_every_layer(batches):
 @pytest.mark.parametrize("method", ["wanda_sp", "flap"])
 def test_channel_wise_on_untied_models_scores_lm_head_on_its_true_inputs(arch, method, batches):
     """Untied output embeddings read the hidden width too: their statistics come from the final norm's output."""
-    from pruners.calibration import collect_input_statistics
+    from pruners.statistics import collect_input_statistics
 
     model = tiny_model(arch)
     assert not model.config.tie_word_embeddings
@@ -311,13 +328,15 @@ def test_remove_heads_counts_query_heads_under_the_kv_policy(batches):
 @pytest.mark.parametrize("mode", ["block", "channel", "layer"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_zero_ratio_changes_nothing_for_any_method(method, mode, batches):
-    if mode != "block" and METHODS[method].action != "remove":
-        pytest.skip(f"{method} compresses blocks only")
+    if mode not in METHODS[method].modes:
+        pytest.skip(f"{method} does not prune {mode}-wise")
     model = tiny_model("llama_mha")
     before = model(input_ids=batches).logits
-    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.0, nsamples=6,
-                                                    num_examples=2, mode=mode, sublayer="self_attn,mlp"),
+    selection = {"sublayer": "self_attn,mlp"} if mode == "block" else {}
+    report = prune_model(model, None, settings_for(method, pruning_ratio=0.0, nsamples=6, num_examples=2, mode=mode,
+                                                   **selection),
                          log=lambda _: None, batches=batches)
+    assert not report.record.actions
     assert report.params_after == report.params_before
     assert torch.equal(before, model(input_ids=batches).logits)
 

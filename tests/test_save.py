@@ -13,7 +13,7 @@ import torch
 from depgraph import DependencyGraph, Plan
 from modelio import ModelNotFoundError, load_model, save_model
 from pruners.compensation import compensate_bias
-from pruners.calibration import collect_input_statistics
+from pruners.statistics import collect_input_statistics
 from tests.conftest import COMMON, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

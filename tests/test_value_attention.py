@@ -51,13 +51,13 @@ def test_flatllm_calibrates_every_layer_on_its_true_inputs(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
     batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
     seen: dict[int, torch.Tensor] = {}
-    compress = flatllm._compress_layer
+    compress = flatllm.RotateValues.on_layer
 
-    def recording(graph, index, ratio, target, inputs, *args, **kwargs):
-        seen[index] = torch.cat([(a[0] if a else k["hidden_states"]) for a, k in inputs])
-        return compress(graph, index, ratio, target, inputs, *args, **kwargs)
+    def recording(self, context, step):
+        seen[step.index] = torch.cat([(a[0] if a else k["hidden_states"]) for a, k in step.inputs])
+        return compress(self, context, step)
 
-    monkeypatch.setattr(flatllm, "_compress_layer", recording)
+    monkeypatch.setattr(flatllm.RotateValues, "on_layer", recording)
     prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
                 log=lambda _: None, batches=batches)
     assert len(seen) >= 2

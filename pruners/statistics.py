@@ -1,13 +1,13 @@
-"""Calibration: statistics of the inputs of linear layers, and gradients, from calibration batches."""
+"""Statistics of the inputs of linear layers over calibration tokens (sums, sums of squares, x x^T)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-from pruners.streaming import run_layer, stream_layers
 
 
 @dataclass
@@ -52,39 +52,51 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
     return hook
 
 
+@contextmanager
+def observe_inputs(modules: dict[str, nn.Module], second_moments: dict[str, bool] | bool = False
+                   ) -> Iterator[dict[str, InputStatistics]]:
+    """Statistics of the inputs of ``modules`` (name -> module) while the block runs; second moments for the
+    names ``second_moments`` marks (or for all, when True)."""
+    stats: dict[str, InputStatistics] = {}
+    wants = (lambda name: second_moments) if isinstance(second_moments, bool) else second_moments.get
+    handles = [module.register_forward_pre_hook(_statistics_hook(stats, name, bool(wants(name))))
+               for name, module in modules.items()]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def collect_input_statistics(
     model: nn.Module, batches: torch.Tensor, module_names: list[str], batch_size: int = 8, progress: bool = True,
     layers: nn.ModuleList | None = None, second_moments: bool = False,
 ) -> dict[str, InputStatistics]:
-    """Gather input statistics of the named linears over the calibration batches.
+    """Input statistics of the named linears over the calibration batches, all at once (a convenience for
+    inspection and tests; the pruning steps take them layer by layer through ``pruners.pipeline``).
 
-    With ``layers`` (the decoder layers) the batches are streamed layer by layer (``pruners.streaming``);
+    With ``layers`` (the decoder layers) the batches are streamed layer by layer, the model's head included;
     otherwise each batch runs through the whole model.
     """
-    stats: dict[str, InputStatistics] = {}
-    handles = [model.get_submodule(name).register_forward_pre_hook(_statistics_hook(stats, name, second_moments))
-               for name in module_names]
-    device = next(model.parameters()).device
-    try:
+    from pruners.pipeline import LayerPipeline
+
+    modules = {name: model.get_submodule(name) for name in module_names}
+    with observe_inputs(modules, second_moments) as stats:
         if layers is not None:
-            bar = lambda items: tqdm(items, desc="calibration (layers)", disable=not progress, leave=False)  # noqa: E731
             inside = {id(module) for module in layers.modules()}
-            after_decoder = [name for name in module_names if id(model.get_submodule(name)) not in inside]
-            head = _model_head(model) if after_decoder else None
-            for _ in stream_layers(model, layers, batches, batch_size, progress=bar, after_last=head):
-                pass
+            head = (lambda: model_head(model)) if any(id(m) not in inside for m in modules.values()) else None
+            LayerPipeline(model, lambda: layers, batches, head=head, batch_size=batch_size,
+                          show_progress=progress).run(None, [], run_head=head is not None)
         else:
+            device = next(model.parameters()).device
             for start in tqdm(range(0, batches.shape[0], batch_size), desc="calibration", disable=not progress,
                               leave=False):
                 model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return stats
 
 
-def _model_head(model: nn.Module):
+def model_head(model: nn.Module):
     """What runs after the decoder layers (final norm, then the output embedding), so that hooks on those
     modules (an untied ``lm_head`` scored for hidden channels) see their true inputs."""
     from depgraph.architectures import rule_for
@@ -92,17 +104,3 @@ def _model_head(model: nn.Module):
     norm = model.get_submodule(rule_for(model).final_norm)
     output = model.get_output_embeddings()
     return lambda hidden: output(norm(hidden))
-
-
-@torch.no_grad()
-def collect_input_statistics_on(layer: nn.Module, inputs: list[tuple[tuple, dict]], modules: dict[str, nn.Module]
-                                ) -> dict[str, InputStatistics]:
-    """Statistics (second moments included) of the inputs of ``modules`` while ``layer`` runs on ``inputs``."""
-    stats: dict[str, InputStatistics] = {}
-    handles = [module.register_forward_pre_hook(_statistics_hook(stats, name, True)) for name, module in modules.items()]
-    try:
-        run_layer(layer, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats

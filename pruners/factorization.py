@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from modelio.lowrank import LowRankLinear
-from pruners.calibration import InputStatistics
+from pruners.statistics import InputStatistics
 
 DECOMPOSITIONS = ("AWSVD", "AFM", "SVD")
 

@@ -1,0 +1,180 @@
+"""The layer-sequential calibration pipeline that every calibration-using step runs through.
+
+The inputs of decoder layer 0 are captured once (with the model's own attention mask and position
+embeddings); for each layer i the steps name the modules whose inputs they need, layer i runs once with
+statistics hooks on them, the steps score or act on layer i, and its outputs become the inputs of layer
+i + 1. Whether layer i + 1 sees the dense outputs (computed before the steps acted) or the compressed ones
+(layer i run again after acting) is the ``propagate`` option. Statistics live only while their layer is
+processed: a step that needs something later keeps it itself.
+
+Where a layer's weights live is handled here and nowhere else: with ``device`` set, each layer is moved
+there for its turn and back to where it was afterwards, so only one layer occupies the accelerator.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruners.statistics import InputStatistics, observe_inputs
+
+PROPAGATIONS = ("dense", "compressed")
+
+
+def progress(items: Iterable, desc: str, enabled: bool = True, total: int | None = None) -> Iterator:
+    """The one progress display of every calibration pass (layers, gradients)."""
+    return iter(tqdm(items, desc=desc, disable=not enabled, leave=False, total=total))
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: torch.Tensor, batch_size: int
+                         ) -> list[tuple[tuple, dict]]:
+    """Run the model up to its first decoder layer for every batch; return that layer's (args, kwargs)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def stop(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, batches.shape[0], batch_size):
+            try:
+                model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states among a decoder layer's (args, kwargs)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run one decoder layer on captured inputs; return the next layer's inputs."""
+    outputs = []
+    for args, kwargs in inputs:
+        result = layer(*args, **kwargs)
+        hidden = result[0] if isinstance(result, (tuple, list)) else result
+        outputs.append(_with_hidden(args, kwargs, hidden))
+    return outputs
+
+
+@dataclass
+class LayerPass:
+    """What the steps see of one layer: its inputs, its outputs before any step acted, and the statistics of
+    the inputs of the modules they asked for (keyed by full module name)."""
+
+    index: int
+    layer: nn.Module
+    inputs: list[tuple[tuple, dict]]
+    outputs: list[tuple[tuple, dict]]
+    statistics: dict[str, InputStatistics] = field(default_factory=dict)
+
+
+class LayerStep(Protocol):
+    """A step of the pipeline: an estimator that scores layer by layer, or an action that acts on a layer."""
+
+    def observes(self, context, index: int | None) -> dict[str, bool]:
+        """Full names of the modules whose inputs it needs in layer ``index`` (None: the modules after the last
+        layer), each with whether it needs second moments (x x^T)."""
+        ...
+
+    def on_layer(self, context, step: LayerPass) -> None:
+        ...
+
+
+@dataclass
+class LayerPipeline:
+    model: nn.Module
+    layers: Callable[[], nn.ModuleList]  # the decoder layers now (actions may replace modules inside them)
+    batches: torch.Tensor
+    head: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None  # final norm + output embedding
+    batch_size: int = 8
+    device: torch.device | str | None = None  # where each layer runs (None: where it is)
+    show_progress: bool = True
+
+    @contextmanager
+    def placed(self, layer: nn.Module) -> Iterator[nn.Module]:
+        """``layer`` on the pipeline's device for the duration, then back where it was."""
+        home = next(layer.parameters()).device
+        target = torch.device(self.device) if self.device is not None else home
+        if target != home:
+            layer.to(target)
+        try:
+            yield layer
+        finally:
+            if target != home:
+                layer.to(home)
+
+    def _inputs_on(self, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        if self.device is None:
+            return inputs
+        move = lambda value: value.to(self.device) if isinstance(value, torch.Tensor) else value  # noqa: E731
+        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
+                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
+
+    @torch.no_grad()
+    def run(self, context, steps: list, propagate: str = "dense", desc: str = "calibration (layers)",
+            run_head: bool = False) -> None:
+        """One pass over every decoder layer with ``steps`` observing and acting (see the module docstring).
+
+        The model's head runs after the last layer when a step observes a module there (or ``run_head``)."""
+        if propagate not in PROPAGATIONS:
+            raise ValueError(f"unknown propagate '{propagate}': choose from {', '.join(PROPAGATIONS)}")
+        layers = self.layers()
+        inputs = self._inputs_on(capture_layer_inputs(self.model, layers, self.batches, self.batch_size))
+        for index in progress(range(len(layers)), desc, self.show_progress):
+            observed = _observed(context, steps, index)
+            with self.placed(self.layers()[index]) as layer:
+                with observe_inputs({name: modules_now(self.model, name) for name in observed}, observed) as stats:
+                    outputs = run_layer(layer, inputs)
+                step = LayerPass(index, layer, inputs, outputs, stats)
+                for each in steps:
+                    each.on_layer(context, step)
+                if propagate == "compressed":
+                    outputs = run_layer(self.layers()[index], inputs)
+            del step, stats
+            inputs = outputs
+        after = _observed(context, steps, None)
+        if (after or run_head) and self.head is not None:
+            head = self.head()
+            with observe_inputs({name: modules_now(self.model, name) for name in after}, after) as stats:
+                for args, kwargs in inputs:
+                    head(hidden_of(args, kwargs))
+            last = LayerPass(-1, None, inputs, [], stats)
+            for each in steps:
+                if hasattr(each, "after_layers"):
+                    each.after_layers(context, last)
+
+
+def modules_now(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _observed(context, steps: list, index: int | None) -> dict[str, bool]:
+    """Union of what the steps observe in layer ``index``: module name -> second moments wanted."""
+    observed: dict[str, bool] = {}
+    for each in steps:
+        for name, second in each.observes(context, index).items():
+            observed[name] = observed.get(name, False) or second
+    return observed
