@@ -18,7 +18,7 @@ from corpora import DataNotFoundError, resolve_data_dir
 from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS, calibration_texts, evaluation_text
 from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_for
 from evaluation import perplexity
-from modelio import (DEFAULT_MODEL, LowRankLinear, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
+from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
                      save_model)
 from modelio.load import resolve_model_path
 from modelio.save import check_save_target, check_writable
@@ -28,7 +28,8 @@ from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, pr
 from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
 from pruners.factorization import DECOMPOSITIONS
-from pruners.methods import SUBLAYERS, validate_ratio
+from pruners.methods import SUBLAYERS, check_settings_read, resolved, validate_ratio
+from pruners.pipeline import PROPAGATIONS
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, MissingOpRule, InvalidPlan, UnsafeSaveError,
           ValueError)
@@ -78,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_model", default=DEFAULT_MODEL, help="embedded model name, local folder or hub id")
     parser.add_argument("--pruning_ratio", type=float, default=defaults.pruning_ratio,
                         help="fraction of ALL parameters to remove (embeddings included, tied weights once)")
-    parser.add_argument("--prune_method", choices=sorted(METHODS), default=defaults.prune_method,
-                        help="estimator and action (see the README's method table)")
+    parser.add_argument("--prune_method", choices=sorted(METHODS), default=None,
+                        help=f"the method: a composition of estimator, allocation and actions (README, method "
+                             f"table); None: layer_wise with --layer_wise, else {defaults.prune_method}")
     _estimator_flags(parser, defaults)
     _lorap_flags(parser, defaults)
     _selection_flags(parser, defaults)
@@ -135,7 +137,10 @@ def _selection_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
     modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel", default=argparse.SUPPRESS,
                        help="prune the hidden (residual) width")
     modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer", default=argparse.SUPPRESS,
-                       help="remove whole decoder layers (lowest block influence first)")
+                       help="remove whole decoder layers (--prune_method layer_wise: lowest block influence first)")
+    parser.add_argument("--propagate", choices=PROPAGATIONS, default=None,
+                        help="lorap, flatllm: calibrate layer i+1 on the dense or the compressed outputs of layer i "
+                             "(None: the method's, dense for lorap, compressed for flatllm)")
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
                         help="remove query heads evenly inside every kv group, or whole kv groups")
     for block in ("attention", "mlp"):
@@ -182,7 +187,10 @@ def settings_from(args: argparse.Namespace) -> PruneSettings:
     """The PruneSettings the flags spell out."""
     fields = PruneSettings.__dataclass_fields__
     # absent flags (the mode, when no --*_wise is given) keep PruneSettings' defaults
-    return PruneSettings(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    if values.get("prune_method") is None:
+        values["prune_method"] = "layer_wise" if values.get("mode") == "layer" else PruneSettings.prune_method
+    return PruneSettings(**values)
 
 
 def measure(model, tokenizer, args) -> dict[str, float]:
@@ -204,12 +212,14 @@ def _projections(attention: torch.nn.Module, rule) -> dict[str, torch.nn.Module]
     return {name: attention.get_submodule(name) for group in rule.attention_inputs for name in group}
 
 
-def _ranks(projections: dict[str, torch.nn.Module]) -> str:
-    """Ranks of an attention's projections, "-" where a projection stayed dense."""
-    return "/".join(str(m.rank) if isinstance(m, LowRankLinear) else "-" for m in projections.values())
+def _ranks(prefix: str, projections: dict[str, torch.nn.Module], ranks: dict[str, int]) -> str:
+    """Ranks of an attention's projections as the record has them (also when the dense product was kept),
+    "-" where a projection was not factorized."""
+    return "/".join(str(ranks[f"{prefix}.{name}"]) if f"{prefix}.{name}" in ranks else "-" for name in projections)
 
 
-RANK_LEGEND = "rank: the rank of each factorized attention projection; - = that projection is still dense"
+RANK_LEGEND = ("rank: the rank of each factorized attention projection (from the record; with --real_com False "
+               "the dense product is kept at that rank); - = not factorized")
 
 
 def layer_table(report, original: dict, model=None) -> str:
@@ -217,7 +227,8 @@ def layer_table(report, original: dict, model=None) -> str:
     rule = rule_for(model) if model is not None else None
     layers = rule.decoder_layers(model) if rule else []
     projections = [_projections(layer.get_submodule(rule.attention), rule) for layer in layers]
-    ranks = [_ranks(found) for found in projections]
+    recorded = report.record.ranks()
+    ranks = [_ranks(f"{rule.layers}.{i}.{rule.attention}", found, recorded) for i, found in enumerate(projections)]
     lowrank = any(r.strip("-/") for r in ranks)
     names = "/".join(n.removesuffix("_proj") for n in projections[0]) if projections else ""
     header = "layer | q heads | kv heads | MLP width" + (f" | {names} rank" if lowrank else "")
@@ -267,6 +278,8 @@ def plot_kept(report, original: dict, path: str) -> None:
 def check_flags(args: argparse.Namespace, settings: PruneSettings) -> None:
     """What the flags alone can refuse: numbers, the device, the data directory."""
     validate_ratio(settings.pruning_ratio)
+    check_settings_read(settings)  # a flag the method would ignore fails now, not after loading
+    resolved(settings)
     check_numbers(settings)
     measuring = (args.test_before_train or args.test_after_train) and args.eval_datasets
     if measuring and args.max_tokens < args.seq_len:
@@ -288,8 +301,7 @@ def check_data(args: argparse.Namespace, settings: PruneSettings) -> None:
 
 
 def _needs_calibration(settings: PruneSettings) -> bool:
-    method = METHODS[settings.prune_method]
-    return settings.mode == "layer" or bool(method.samples(settings))
+    return bool(METHODS[settings.prune_method].samples(resolved(settings)))
 
 
 def _check_device(name: str) -> None:
@@ -350,7 +362,7 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
     print(layer_table(report, original, model))
     results.update(params_after=report.params_after, asked_ratio=report.asked_ratio,
                    achieved_ratio=report.achieved_ratio, seconds=report.seconds, stages=report.stages,
-                   layer_shapes=report.layer_shapes)
+                   layer_shapes=report.layer_shapes, record=report.record.to_dict())
     if args.test_after_train:
         results["ppl_after"] = measure(model, tokenizer, args)
         print(f"after: {rounded(results['ppl_after'])}")
@@ -358,7 +370,8 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         plot_kept(report, original, str(_write_file(args.plot)))
         print(f"plot: {args.plot}")
     if args.save_model:
-        where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model)
+        where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model,
+                           record=report.record)
         print(f"saved to {where}; {load_hint(where)}")
     if args.report:
         _write_file(args.report).write_text(json.dumps(results, indent=2, default=str))

@@ -98,7 +98,7 @@ def _set_kv_groups(attention: nn.Module, queries: int, keys: int) -> None:
 
 def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
     """Phi-3 slices its fused projection with ``config.num_attention_heads``: give the module its own config."""
-    from modelio.attention import use_value_head_dim
+    from depgraph.value_attention import use_value_head_dim
 
     _set_kv_groups(attention, queries, keys)
     if attention.config.num_attention_heads != queries:
@@ -109,7 +109,7 @@ def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
 
 def _set_llama_counts(attention: nn.Module, queries: int, keys: int) -> None:
     """Head counts, and a value head dimension of its own when value dimensions were removed."""
-    from modelio.attention import use_value_head_dim
+    from depgraph.value_attention import use_value_head_dim
 
     _set_kv_groups(attention, queries, keys)
     value_width = attention.v_proj.out_features // keys if keys else attention.head_dim

@@ -62,7 +62,7 @@ try:
     from .lowrank import LowRankLinear
     from .attention import use_value_head_dim
 except ImportError:  # executed in-process by structprune
-    from modelio.attention import use_value_head_dim
+    from depgraph.value_attention import use_value_head_dim
     from modelio.lowrank import LowRankLinear
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-import modelio.attention as attention_module
+import depgraph.value_attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
 from modelio.pruned import pruned_classes, render_sources
@@ -191,8 +191,9 @@ def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = Fal
 
 
 def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overwrite: bool = False,
-               source: str | os.PathLike | None = None) -> Path:
-    """Write ``model`` (safetensors) and ``tokenizer`` to ``path`` atomically.
+               source: str | os.PathLike | None = None, record=None) -> Path:
+    """Write ``model`` (safetensors) and ``tokenizer`` to ``path`` atomically, with the compression record
+    (``record``, a ``pruners.record.ActionRecord``: anything with ``save(folder)``) beside them.
 
     The folder appears complete or not at all. It never replaces the folder the model was loaded from, and
     replaces another existing folder only with ``overwrite=True``. Every failure is an UnsafeSaveError.
@@ -201,6 +202,8 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     try:
         with staged_folder(target) as staging:
             _write_folder(model, tokenizer, staging)
+            if record is not None:
+                record.save(staging)
     except OSError as error:  # a full disk, a permission changed meanwhile: one line, no temporary path
         raise UnsafeSaveError(f"could not write the model to {target} ({error.strerror or type(error).__name__}): "
                               f"check the free space and permissions, or choose another --save_model") from error

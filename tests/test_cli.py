@@ -220,15 +220,15 @@ def test_load_hint_is_plain_for_a_plain_config(tiny_folder):
 
 
 def test_rank_column_reads_the_architecture_rule():
-    """Phi-3's fused qkv_proj gets its own rank column (no q/k/v names written in the CLI)."""
-    from modelio import LowRankLinear
+    """Phi-3's fused qkv_proj gets its own rank column (no q/k/v names written in the CLI), from the record."""
+    from pruners.record import ActionRecord
     from tests.conftest import COMMON, tiny_model
 
     model = tiny_model("phi3")
-    attention = model.model.layers[0].self_attn
-    attention.qkv_proj = LowRankLinear(attention.qkv_proj.in_features, attention.qkv_proj.out_features, 4)
+    record = ActionRecord()
+    record.add("factorize", module="model.layers.0.self_attn.qkv_proj", layer=0, rank=4, method="SVD")
     shape = {k: COMMON[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
-    table = hf_prune.layer_table(SimpleNamespace(layer_shapes=[shape] * 3), shape, model)
+    table = hf_prune.layer_table(SimpleNamespace(layer_shapes=[shape] * 3, record=record), shape, model)
     assert "| qkv/o rank" in table and "\n0 | 6/6 | 2/2 | 64/64 | 4/-" in table and hf_prune.RANK_LEGEND in table
 
 
