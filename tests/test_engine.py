@@ -1,0 +1,195 @@
+"""The engine: every method a composition on one pipeline, every action recorded, unread flags refused."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import hf_prune
+from modelio import LowRankLinear, load_model, save_model
+from pruners import METHODS, PruneSettings, prune_model
+from pruners.actions import CompensateBias, Factorize, RemoveStructures
+from pruners.allocation import ByUnits, LowestLayers
+from pruners.estimators import ActivationEstimator, BlockInfluence
+from pruners.methods import Composition
+from pruners.record import ActionRecord, load_record
+from pruners.statistics import InputStatistics
+from tests.conftest import COMMON, settings_for, tiny_model
+
+
+FACTORIZE_ON_LAYER = Factorize.on_layer
+
+
+@pytest.fixture
+def batches() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(3))
+
+
+def _settings(method: str, **extra) -> PruneSettings:
+    selection = {"sublayer": "self_attn,mlp"} if "block" in METHODS[method].modes else {}
+    return settings_for(method, pruning_ratio=0.2, nsamples=6, num_examples=2, **{**selection, **extra})
+
+
+def _kinds(record: ActionRecord) -> set[str]:
+    return {entry["action"] for entry in record.actions}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_writes_its_record_beside_the_model(method, arch, batches, tmp_path):
+    model = tiny_model(arch)
+    report = prune_model(model, None, _settings(method), log=lambda _: None, batches=batches)
+    expected = model(input_ids=batches).logits
+    folder = save_model(model, None, tmp_path / "out", record=report.record)
+    assert torch.equal(load_model(folder)(input_ids=batches).logits, expected)
+    saved = load_record(folder)
+    assert saved.to_dict() == report.record.to_dict() and saved.method == method
+    assert saved.actions, f"{method} on {arch} recorded nothing"
+    wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
+              "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"}}.get(method, {"remove"})
+    assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
+    reloaded = load_model(folder)
+    for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank
+        module = reloaded.get_submodule(entry["module"])
+        assert isinstance(module, LowRankLinear) and module.rank == entry["rank"]
+    for entry in saved.of("remove"):  # removed elements exist in the original space
+        assert entry["elements"] and min(entry["elements"]) >= 0
+
+
+def test_a_factorized_model_kept_dense_still_records_its_ranks(batches, tmp_path):
+    """real_com=False keeps the dense product (LoRAP fine-tunes it first); recovery needs the ranks."""
+    model = tiny_model("llama")
+    report = prune_model(model, None, _settings("lorap", real_com=False), log=lambda _: None, batches=batches)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    ranks = report.record.ranks()
+    assert ranks and all(name.startswith("model.layers.") for name in ranks)
+    for name, rank in ranks.items():  # the dense product really has the recorded rank
+        weight = model.get_submodule(name).weight.detach().double()
+        assert torch.linalg.matrix_rank(weight, rtol=1e-4).item() <= rank
+    folder = save_model(model, None, tmp_path / "dense", record=report.record)
+    assert load_record(folder).ranks() == ranks
+    # the MLP only takes its own share: the factorizations count at the saving they will make
+    dense_saving = sum(entry["in_features"] * entry["out_features"] - entry["rank"] * (entry["in_features"] +
+                       entry["out_features"]) for entry in report.record.of("factorize"))
+    removed = report.params_before - report.params_after
+    assert abs(removed + dense_saving - report.budget) <= 3 * COMMON["hidden_size"], report.summary()
+
+
+def test_a_registered_method_is_just_its_composition(batches):
+    """FLAP rebuilt from its parts in a few lines gives exactly the registered method's model."""
+    flap_again = Composition(
+        "FLAP, composed by hand",
+        estimator=lambda s: ActivationEstimator("WIFV"),
+        allocator=lambda s: ByUnits("UL-UM"),
+        actions=lambda s: [CompensateBias(), RemoveStructures()],
+        reads=frozenset({"nsamples"}),
+    )
+    registered, composed = tiny_model("llama"), tiny_model("llama")
+    prune_model(registered, None, PruneSettings(prune_method="flap", pruning_ratio=0.2, nsamples=6),
+                log=lambda _: None, batches=batches)
+    report = prune_model(composed, None, PruneSettings(pruning_ratio=0.2, nsamples=6), method=flap_again,
+                         log=lambda _: None, batches=batches)
+    assert report.record.method == "custom"
+    assert torch.equal(registered(input_ids=batches).logits, composed(input_ids=batches).logits)
+
+
+def test_a_new_composition_runs_without_editing_the_library(batches):
+    """Block influence with factorization of every attention at a fixed rank: a method nobody registered."""
+
+    class HalfRank:
+        def allocate(self, context):
+            from pruners.engine import Allocation
+
+            ranks = {}
+            for index in context.selection["self_attn"]:
+                for name, module in context.model.get_submodule(context.layer_name(index, "self_attn")).named_children():
+                    if isinstance(module, torch.nn.Linear):
+                        ranks[f"{context.layer_name(index, 'self_attn')}.{name}"] = 2
+            return Allocation(ranks=ranks)
+
+    method = Composition("SVD of every attention projection at rank 2", estimator=lambda s: BlockInfluence(),
+                         allocator=lambda s: HalfRank(), actions=lambda s: [Factorize("self_attn", "SVD")],
+                         select=lambda graph, settings, selection: [], sublayer="self_attn",
+                         reads=frozenset({"nsamples"}))
+    model = tiny_model("llama")
+    report = prune_model(model, None, PruneSettings(pruning_ratio=0.1, nsamples=6), method=method,
+                         log=lambda _: None, batches=batches)
+    assert len(report.record.of("factorize")) == 4 * COMMON["num_hidden_layers"]
+    assert all(m.rank == 2 for m in model.modules() if isinstance(m, LowRankLinear))
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(prune_method="lorap", gqa_policy="kv_heads"), "--gqa_policy"),
+    (dict(prune_method="lorap", structure="AL-AM"), "--structure"),
+    (dict(prune_method="lorap", remove_heads=3), "--remove_heads"),
+    (dict(prune_method="flatllm", deco_method="SVD"), "--deco_method"),
+    (dict(prune_method="flap", real_com=False), "--real_com"),
+    (dict(prune_method="llm_pruner", nsamples=64), "--nsamples"),
+    (dict(prune_method="mag_sp", bias_compensation=True), "--bias_compensation"),
+    (dict(prune_method="flap", mode="channel", sublayer="self_attn"), "--sublayer"),
+    (dict(prune_method="layer_wise", block_mlp_layer_start=2), "--block_mlp_layer_start"),
+    (dict(prune_method="flap", propagate="compressed"), "--propagate"),
+])
+def test_a_flag_the_method_does_not_read_is_refused(settings, flag):
+    with pytest.raises(ValueError, match=f"{flag} is not read by --prune_method {settings['prune_method']}"):
+        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prune_method", "lorap", "--gqa_policy", "kv_heads"], "--gqa_policy is not read by --prune_method lorap"),
+    (["--layer_wise", "--prune_method", "flap"], "does not prune in layer mode"),
+    (["--channel_wise", "--prune_method", "flatllm"], "does not prune in channel mode"),
+])
+def test_the_cli_refuses_unread_flags_before_loading(argv, message, capsys):
+    code = hf_prune.main(["--base_model", "/nonexistent/model", *argv])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and "nonexistent" not in error  # refused before the model was looked for
+
+
+def test_layer_wise_flag_chooses_the_layer_method():
+    args = hf_prune.build_parser().parse_args(["--layer_wise"])
+    assert hf_prune.settings_from(args).prune_method == "layer_wise"
+    assert hf_prune.settings_from(hf_prune.build_parser().parse_args([])).prune_method == PruneSettings.prune_method
+
+
+def _inputs_seen(monkeypatch, propagate: str, batches) -> tuple[dict[int, torch.Tensor], torch.nn.Module]:
+    seen: dict[int, torch.Tensor] = {}
+
+    def recording(self, context, step):
+        seen[step.index] = torch.cat([(a[0] if a else k["hidden_states"]) for a, k in step.inputs])
+        return FACTORIZE_ON_LAYER(self, context, step)
+
+    monkeypatch.setattr(Factorize, "on_layer", recording)
+    model = tiny_model("llama")
+    prune_model(model, None, _settings("lorap", propagate=propagate), log=lambda _: None, batches=batches)
+    return seen, model
+
+
+def test_propagation_feeds_the_next_layer_dense_or_compressed_outputs(monkeypatch, batches):
+    dense_seen, _ = _inputs_seen(monkeypatch, "dense", batches)
+    compressed_seen, compressed = _inputs_seen(monkeypatch, "compressed", batches)
+    with torch.no_grad():
+        dense_hidden = tiny_model("llama")(input_ids=batches, output_hidden_states=True).hidden_states
+        compressed_hidden = compressed(input_ids=batches, output_hidden_states=True).hidden_states
+    for index in range(COMMON["num_hidden_layers"]):
+        assert torch.allclose(dense_seen[index], dense_hidden[index], atol=1e-5)
+        assert torch.allclose(compressed_seen[index], compressed_hidden[index], atol=1e-5)
+    assert not torch.allclose(dense_seen[2], compressed_seen[2], atol=1e-3)
+
+
+def test_statistics_live_one_layer_at_a_time(monkeypatch, batches):
+    """LoRAP with AFM on its MLP too holds second moments of one layer only, whatever the depth."""
+    alive: list[int] = []
+
+    def counting(self, context, step):
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, InputStatistics) and o.second_moment is not None))
+        return FACTORIZE_ON_LAYER(self, context, step)
+
+    monkeypatch.setattr(Factorize, "on_layer", counting)
+    model = tiny_model("llama")
+    prune_model(model, None, _settings("lorap", deco_method="AFM", mlp_compress_method="decom"), log=lambda _: None,
+                batches=batches)
+    per_layer = 2 + 2  # attention: q/k/v input and o input; MLP: gate/up input and down input
+    assert alive and max(alive) <= per_layer, alive
