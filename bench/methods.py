@@ -4,6 +4,8 @@
     python bench/methods.py --zeroshot_limit 200  # ... and runs recorded without zero-shot at that limit
     python bench/methods.py --only flap-WIFV-UL-UM --ratios 0.2 --zeroshot_limit 200
     python bench/methods.py --table               # rewrite bench/results/methods.md from the JSONL
+    python bench/methods.py --check --ratios 0.2  # re-run without zero-shot, compare with the recorded rows
+                                                  # (bench/results/check.md), replacing nothing
 
 Each run records: parameters removed (asked / achieved), WikiText-2 and PTB perplexity (seq 128, first 32,768
 tokens), the zero-shot mean (when --zeroshot_limit > 0), pruning wall time and peak resident memory.
@@ -24,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
 TABLE = ROOT / "bench" / "results" / "methods.md"
+CHECKS = ROOT / "bench" / "results" / "check.jsonl"
+CHECK_TABLE = ROOT / "bench" / "results" / "check.md"
 
 BOTH = {"sublayer": "self_attn,mlp"}
 # LLM-Pruner's own recipe keeps the first layers whole (its 7B scripts prune layers 4-30); the peers' SmolLM2
@@ -52,6 +56,10 @@ RUNS: dict[str, dict] = {
     "lorap-SVD": {"prune_method": "lorap", "deco_method": "SVD"},
     "flatllm": {"prune_method": "flatllm"},
     "flatllm-energy": {"prune_method": "flatllm", "flatllm_mlp_score": "energy"},
+    # the same methods with the other propagation (what layer i + 1 is calibrated on, --propagate)
+    "lorap-AWSVD-compressed": {"prune_method": "lorap", "deco_method": "AWSVD", "propagate": "compressed"},
+    "flatllm-dense": {"prune_method": "flatllm", "propagate": "dense"},
+    "layer_wise": {"prune_method": "layer_wise"},
 }
 RATIOS = (0.2, 0.5)
 
@@ -123,6 +131,26 @@ def write_table() -> None:
     )
 
 
+def write_check_table() -> None:
+    """Each checked run beside its recorded row: the same figures, or what moved."""
+    recorded = {(r["run"], r["ratio"]): r for r in latest_rows()}
+    lines = ["| run | ratio | recorded WT2 / PTB (date) | now WT2 / PTB | parameters after: recorded / now | verdict |",
+             "|---|---|---|---|---|---|"]
+    for row in sorted(latest_rows(CHECKS), key=lambda r: (r["ratio"], r["run"])):
+        old = recorded.get((row["run"], row["ratio"]), {})
+        same = old and all(abs(old[f"ppl_{d}"] - row[f"ppl_{d}"]) <= 0.005 * old[f"ppl_{d}"] for d in ("wikitext2", "ptb"))
+        verdict = "same" if same and old.get("params_after") == row["params_after"] else (
+            "within 0.5%" if same else ("new" if not old else "moved"))
+        before = f"{old['ppl_wikitext2']:.2f} / {old['ppl_ptb']:.2f} ({old['date']})" if old else "–"
+        lines.append(f"| {row['run']} | {row['ratio']:.0%} | {before} | {row['ppl_wikitext2']:.2f} / "
+                     f"{row['ppl_ptb']:.2f} | {old.get('params_after', '–')} / {row['params_after']} | {verdict} |")
+    machines = sorted({f"{r['machine']}, {r['date']}" for r in latest_rows(CHECKS)})
+    CHECK_TABLE.write_text(
+        "Re-runs of `bench/methods.py` rows without zero-shot (`python bench/methods.py --check`), against the "
+        "latest recorded row of bench/results/methods.jsonl: perplexity at seq 128 on the first 32,768 tokens. "
+        f"Checked on {'; '.join(machines)}.\n\n" + "\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="comma list of run names")
@@ -131,6 +159,8 @@ def main() -> int:
     parser.add_argument("--max_tokens", type=int, default=32768)
     parser.add_argument("--redo", action="store_true", help="run again even if the results file has the run")
     parser.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    parser.add_argument("--check", action="store_true",
+                        help="re-run without zero-shot into bench/results/check.jsonl and compare with the recorded rows")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -143,8 +173,10 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
         # a recorded run counts as done unless zero-shot is asked for and its latest record lacks it
-        done = set() if args.redo else {(r["run"], r["ratio"]) for r in latest_rows()
-                                         if r.get("zeroshot_limit", 0) >= args.zeroshot_limit}
+        done = set() if args.redo or args.check else {(r["run"], r["ratio"]) for r in latest_rows()
+                                                       if r.get("zeroshot_limit", 0) >= args.zeroshot_limit}
+        if args.check:
+            args.zeroshot_limit = 0
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         for ratio in map(float, args.ratios.split(",")):
             for name in names:
@@ -161,9 +193,13 @@ def main() -> int:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"   WT2 {row['ppl_wikitext2']}  PTB {row['ppl_ptb']}  removed {row['achieved_ratio']:.2%}"
                       f"  {row['prune_seconds']}s", flush=True)
-                with RESULTS.open("a") as handle:
+                with (CHECKS if args.check else RESULTS).open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-                write_table()
+                write_check_table() if args.check else write_table()
+    if args.check:
+        write_check_table()
+        print(CHECK_TABLE.read_text())
+        return 0
     write_table()
     print(TABLE.read_text())
     return 0
