@@ -231,14 +231,25 @@ def layer_table(report, original: dict, model=None) -> str:
     ranks = [_ranks(f"{rule.layers}.{i}.{rule.attention}", found, recorded) for i, found in enumerate(projections)]
     lowrank = any(r.strip("-/") for r in ranks)
     names = "/".join(n.removesuffix("_proj") for n in projections[0]) if projections else ""
-    header = "layer | q heads | kv heads | MLP width" + (f" | {names} rank" if lowrank else "")
-    lines = [header, "---|---|---|---" + ("|---" if lowrank else "")]
+    touched = report.record.layers_touched()
+    header = ("layer | q heads | kv heads | MLP width" + (f" | {names} rank" if lowrank else "")
+              + (" | actions (record)" if touched else ""))
+    lines = [header, "---|---|---|---" + ("|---" if lowrank else "") + ("|---" if touched else "")]
     for index, shape in enumerate(report.layer_shapes):
         row = (f"{index} | {shape['num_attention_heads']}/{original['num_attention_heads']} | "
                f"{shape['num_key_value_heads']}/{original['num_key_value_heads']} | "
                f"{shape['intermediate_size']}/{original['intermediate_size']}")
-        lines.append(row + (f" | {ranks[index]}" if lowrank else ""))
+        lines.append(row + (f" | {ranks[index]}" if lowrank else "") + (f" | {_actions(touched.get(index, []))}"
+                                                                          if touched else ""))
     return "\n".join(lines + ([RANK_LEGEND] if lowrank else []))
+
+
+def _actions(names: list[str]) -> str:
+    """``factorize x4, remove`` : the record's actions in one layer, in order, counted."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{count}" if count > 1 else name for name, count in counts.items()) or "-"
 
 
 def load_hint(folder: Path) -> str:

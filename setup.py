@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["depgraph*", "pruners*", "evaluation*", "modelio*", "corpora*"]),
+    packages=find_packages(include=["depgraph*", "pruners*", "recover*", "evaluation*", "modelio*", "corpora*"]),
     package_data={"evaluation.tasks": ["*.yaml"]},
     py_modules=["hf_prune"],
     install_requires=[

@@ -112,8 +112,18 @@ def _head_dim(attention: nn.Module, config) -> int | None:
     return hidden // heads if hidden and heads else None
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if all(isinstance(getattr(m, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj"))]
+def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Every attention module with the architecture rule that reads its head counts (none without a rule:
+    then only the linear layers are counted)."""
+    from depgraph import MissingArchitectureRule, rule_for
+
+    if getattr(model, "config", None) is None:
+        return []
+    try:
+        rule = rule_for(model)
+    except MissingArchitectureRule:
+        return []
+    return [(layer.get_submodule(rule.attention), rule) for layer in rule.decoder_layers(model)]
 
 
 def _last_dim(output) -> tuple[tuple[int, ...], int]:
@@ -140,8 +150,8 @@ class MacCounter:
             shape = _linear_shape(module)
             if shape is not None:
                 self._handles.append(module.register_forward_hook(self._linear_hook(*shape)))
-        for attention in _attention_modules(self.model):
-            self._hook_attention(attention, _head_dim(attention, config))
+        for attention, rule in _attention_modules(self.model):
+            self._hook_attention(attention, rule, _head_dim(attention, config))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,34 +166,24 @@ class MacCounter:
 
         return hook
 
-    def _hook_attention(self, attention: nn.Module, head_dim: int | None) -> None:
-        widths: dict[str, tuple[tuple[int, ...], int]] = {}
+    def _hook_attention(self, attention: nn.Module, rule, head_dim: int | None) -> None:
+        """Scores and weighted values: s_q * s_k * (q_heads * head_dim + q_heads * value_head_dim) per sequence,
+        with the head counts and widths the architecture rule reads from the (pruned) module."""
 
-        def record(name: str) -> Callable:
-            def hook(module, inputs, output):
-                widths[name] = _last_dim(output)
-
-            return hook
-
-        def count(module, inputs, output):
-            if not {"q", "k", "v"} <= widths.keys() or not head_dim:
-                widths.clear()
+        def count(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is None or not head_dim:
                 return
-            (lead, q_width), (_, k_width), (_, v_width) = widths["q"], widths["k"], widths["v"]
-            widths.clear()
+            q_heads, _ = rule.head_counts(module)
+            value_dim = rule.value_head_dim(module)
+            *lead, s_q = hidden.shape[:-1]
             batch = 1
-            for size in lead[:-1]:
+            for size in lead:
                 batch *= size
-            s_q = lead[-1] if lead else 1
             s_k = s_q  # one forward without a KV cache
-            q_heads = q_width // head_dim
-            kv_heads = k_width // head_dim
-            v_head_dim = v_width // kv_heads if kv_heads else head_dim
-            self.attention += batch * s_q * s_k * (q_width + q_heads * v_head_dim)
+            self.attention += batch * s_q * s_k * q_heads * (head_dim + value_dim)
 
-        for name in ("q", "k", "v"):
-            self._handles.append(getattr(attention, f"{name}_proj").register_forward_hook(record(name)))
-        self._handles.append(attention.register_forward_hook(count))
+        self._handles.append(attention.register_forward_hook(count, with_kwargs=True))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -3,7 +3,7 @@ actions (``pruners.engine``), and ``prune_model``, which runs any of them, named
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -341,7 +341,7 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     stages = {"trace": time.perf_counter() - start}
     selection = sublayer_selection(settings, graph.num_layers)
     spaces = composition.select(graph, settings, selection)
-    record = ActionRecord(method=settings.prune_method if method is None else "custom")
+    record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=asdict(settings))
     if budget:
         batches = _calibration(tokenizer, settings, composition.samples(settings), batches)
         rule = graph.rule
@@ -372,6 +372,7 @@ def _calibration(tokenizer, settings: PruneSettings, samples: int, given: torch.
 
 def _report(model, settings, before, budget, record, start, stages) -> PruneReport:
     after = count_parameters(model)
+    record.parameters = {"before": before, "after": after, "budget": budget}
     shapes = getattr(model.config, "layer_shapes", None) or [
         {"num_attention_heads": model.config.num_attention_heads,
          "num_key_value_heads": model.config.num_key_value_heads,

@@ -158,9 +158,10 @@ class LayerPipeline:
         after = _observed(context, steps, None)
         if (after or run_head) and self.head is not None:
             head = self.head()
+            home = next(self.model.get_output_embeddings().parameters()).device
             with observe_inputs({name: modules_now(self.model, name) for name in after}, after) as stats:
                 for args, kwargs in inputs:
-                    head(hidden_of(args, kwargs))
+                    head(hidden_of(args, kwargs).to(home))
             last = LayerPass(-1, None, inputs, [], stats)
             for each in steps:
                 if hasattr(each, "after_layers"):

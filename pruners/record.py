@@ -26,6 +26,8 @@ class ActionRecord:
 
     method: str = ""
     actions: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the settings of the run, as resolved (method defaults in)
+    parameters: dict = field(default_factory=dict)  # before, after, budget
 
     def add(self, action: str, **fields) -> None:
         if action not in ACTIONS:
@@ -56,7 +58,8 @@ class ActionRecord:
         return touched
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "method": self.method, "actions": self.actions}
+        return {"format": FORMAT, "version": VERSION, "method": self.method, "settings": self.settings,
+                "parameters": self.parameters, "actions": self.actions}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ActionRecord":
@@ -65,7 +68,8 @@ class ActionRecord:
         if data.get("version", 0) > VERSION:
             raise ValueError(f"compression record version {data['version']} is newer than this project reads "
                              f"({VERSION}): upgrade structprune")
-        return cls(method=data.get("method", ""), actions=list(data["actions"]))
+        return cls(method=data.get("method", ""), actions=list(data["actions"]), settings=data.get("settings", {}),
+                   parameters=data.get("parameters", {}))
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / RECORD_FILE

@@ -193,3 +193,44 @@ def test_statistics_live_one_layer_at_a_time(monkeypatch, batches):
                 batches=batches)
     per_layer = 2 + 2  # attention: q/k/v input and o input; MLP: gate/up input and down input
     assert alive and max(alive) <= per_layer, alive
+
+
+def test_the_readme_composition_example_runs(monkeypatch, batches):
+    import re
+    from pathlib import Path
+
+    import pruners.methods
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Adding a method"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(pruners.methods, "calibration_batches", lambda *args, **kwargs: batches)
+    monkeypatch.setattr(pruners.methods, "METHODS", dict(METHODS))
+    namespace = {"model": tiny_model("llama"), "tokenizer": None}
+    exec(code, namespace)
+    report = namespace["report"]
+    assert abs(report.achieved_ratio - 0.2) < 0.02 and report.record.of("compensate_bias")
+    assert "wanda_global" in pruners.methods.METHODS
+
+
+def test_recovery_factorizes_again_at_the_recorded_ranks(batches, tmp_path):
+    """A dense-kept LoRAP model (real_com=False), saved and loaded with its record, is factorized at the
+    recorded ranks: the same function, and the parameters the factorization saves."""
+    from recover import refactorize
+
+    model = tiny_model("llama")
+    report = prune_model(model, None, _settings("lorap", real_com=False), log=lambda _: None, batches=batches)
+    folder = save_model(model, None, tmp_path / "dense", record=report.record)
+    loaded, record = load_model(folder), load_record(folder)
+    expected = loaded(input_ids=batches).logits
+    before = sum(p.numel() for p in loaded.parameters())
+    changed = refactorize(loaded, record)
+    assert sorted(changed) == sorted(record.ranks())
+    for name, rank in record.ranks().items():
+        assert isinstance(loaded.get_submodule(name), LowRankLinear) and loaded.get_submodule(name).rank == rank
+    assert torch.allclose(loaded(input_ids=batches).logits, expected, atol=1e-4)
+    saving = sum(e["in_features"] * e["out_features"] - e["rank"] * (e["in_features"] + e["out_features"])
+                 for e in record.of("factorize"))
+    assert before - sum(p.numel() for p in loaded.parameters()) == saving
+    with pytest.raises(ValueError, match="pass the record saved with this model"):
+        refactorize(tiny_model("phi3"), record)

@@ -82,7 +82,9 @@ def test_macs_follow_pruned_heads_and_low_rank_factors():
     # drop two query heads (out 32 -> 16) and factor k_proj into a rank-4 pair of Linear layers
     attention.q_proj = nn.Linear(H, 2 * HEAD_DIM, bias=False)
     attention.o_proj = nn.Linear(2 * HEAD_DIM, H, bias=False)
-    attention.k_proj = nn.Sequential(nn.Linear(H, 4, bias=False), nn.Linear(4, KV * HEAD_DIM, bias=False))
+    from modelio import LowRankLinear
+
+    attention.k_proj = LowRankLinear(H, KV * HEAD_DIM, 4)
     attention.num_key_value_groups = 1
     s = 8
     counted = macs_breakdown(model, seq_len=s)
