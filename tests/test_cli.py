@@ -247,7 +247,7 @@ def test_readme_first_run():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     cli_folder = re.search(r"--save_model (\S+)", quick).group(1)
-    snippet_folder = re.search(r'save_model\(model, tokenizer, "([^"]+)"\)', readme).group(1)
+    snippet_folder = re.search(r'save_model\(model, tokenizer, "([^"]+)"', readme).group(1)
     assert cli_folder != snippet_folder, "the Python snippet would fail on the quick start's folder"
     assert "--test_before_train False" in quick and "--max_tokens" in quick
     assert re.search(r"takes about \d+", quick), "the quick start should say how long the default run takes"
