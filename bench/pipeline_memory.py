@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "pipeline_memory.md"
+ROWS = ROOT / "bench" / "results" / "pipeline_memory.jsonl"
 WIDTHS = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
               vocab_size=2048, max_position_embeddings=256)
 RUNS = {
@@ -58,9 +59,29 @@ def run_one(name: str, layers: int, nsamples: int, seq_len: int) -> dict:
     start = time.perf_counter()
     prune_model(model, None, PruneSettings(pruning_ratio=0.2, nsamples=nsamples, **RUNS[name]), log=lambda _: None,
                 batches=batches)
-    return {"run": name, "layers": layers, "loaded_mib": round(loaded), "peak_mib": round(_rss_mib()),
+    return {"machine": f"{platform.machine()} CPU, 2 threads", "date": date.today().isoformat(),
+            "run": name, "layers": layers, "loaded_mib": round(loaded), "peak_mib": round(_rss_mib()),
             "excess_mib": round(_rss_mib() - loaded), "second_moments_per_layer_mib": round(second_moment_mib(name)),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def write_table(rows: list[dict]) -> None:
+    lines = ["| code | run | layers | RSS with the model (MiB) | peak RSS (MiB) | peak above the model (MiB) | "
+             "second moments of one layer (MiB) | all layers' second moments (MiB) | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['commit']} | {row['run']} | {row['layers']} | {row['loaded_mib']} | {row['peak_mib']} | "
+                     f"{row['excess_mib']} | {row['second_moments_per_layer_mib']} | "
+                     f"{row['second_moments_per_layer_mib'] * row['layers']} | {row['seconds']} |")
+    first = rows[0]
+    RESULTS.write_text(
+        f"`python bench/pipeline_memory.py --layers {','.join(sorted({str(r['layers']) for r in rows}, key=int))} "
+        f"--tree <checkout of an older commit>` on {first['machine']}, {first['date']}: a random LLaMA with "
+        "TinyLlama-1.1B's widths (hidden 2048, MLP 5632, 32/4 heads), pruned at 20% on 8 windows of 128 tokens, "
+        "a fresh process per row; `code` is the commit that ran. Peak above the model = peak resident memory "
+        "during pruning less the peak once the model was built. Second moments are float64 x x^T of the inputs "
+        "the method needs (LoRAP AFM: q/k/v and o inputs; FLAT-LLM: v and down_proj inputs).\n\n"
+        + "\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -70,8 +91,12 @@ def main() -> int:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--tree", action="append", default=[],
                         help="also run the checkout at this path (e.g. a git worktree of an older commit)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSONL")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        write_table([json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()])
+        return 0
     if args.one:
         name, layers = args.one.rsplit("@", 1)
         print(json.dumps(run_one(name, int(layers), args.nsamples, args.seq_len)))
@@ -89,18 +114,8 @@ def main() -> int:
                                       env={**os.environ, "PYTHONPATH": str(tree)})
                 rows.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "commit": commit})
                 print(rows[-1], flush=True)
-    lines = ["| code | run | layers | RSS with the model (MiB) | peak RSS (MiB) | peak above the model (MiB) | "
-             "second moments of one layer (MiB) | all layers' second moments (MiB) | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['commit']} | {row['run']} | {row['layers']} | {row['loaded_mib']} | {row['peak_mib']} | {row['excess_mib']} "
-                     f"| {row['second_moments_per_layer_mib']} | {row['second_moments_per_layer_mib'] * row['layers']} "
-                     f"| {row['seconds']} |")
-    RESULTS.write_text(
-        f"`python bench/pipeline_memory.py --layers {args.layers} --nsamples {args.nsamples} --seq_len {args.seq_len}` "
-        f"on {platform.machine()} CPU, 2 threads, {date.today().isoformat()}: a random LLaMA with TinyLlama-1.1B's "
-        "widths, pruned at 20% in a fresh process per row. The peak above the model stays flat with depth: one "
-        "layer's statistics are alive at a time.\n\n" + "\n".join(lines) + "\n")
+    ROWS.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_table(rows)
     print(RESULTS.read_text())
     return 0
 
