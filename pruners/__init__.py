@@ -1,4 +1,7 @@
-"""Calibration, importance estimators, budget allocation and the method registry."""
-from pruners.methods import METHODS, PruneReport, PruneSettings, count_parameters, prune_model
+"""The compression engine: the method registry, estimators, allocators, actions, the layer pipeline and the
+record of what was done."""
+from pruners.methods import METHODS, Composition, PruneReport, PruneSettings, count_parameters, prune_model
+from pruners.record import ActionRecord, load_record
 
-__all__ = ["METHODS", "PruneReport", "PruneSettings", "count_parameters", "prune_model"]
+__all__ = ["METHODS", "ActionRecord", "Composition", "PruneReport", "PruneSettings", "count_parameters",
+           "load_record", "prune_model"]

@@ -5,18 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from torch import nn
-
 from depgraph import Plan
 from pruners.allocation import allocate
 from pruners.compensation import bias_parameters_added, compensate_bias
 from pruners.factorization import factorize, max_useful_rank
-
-
-def _parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def record_removals(context, plan: Plan) -> None:

@@ -10,7 +10,7 @@ import hf_prune
 from modelio import LowRankLinear, load_model, save_model
 from pruners import METHODS, PruneSettings, prune_model
 from pruners.actions import CompensateBias, Factorize, RemoveStructures
-from pruners.allocation import ByUnits, LowestLayers
+from pruners.allocation import ByUnits
 from pruners.estimators import ActivationEstimator, BlockInfluence
 from pruners.methods import Composition
 from pruners.record import ActionRecord, load_record

@@ -1,0 +1,98 @@
+"""Alpaca-format instruction data: the prompt template, tokenization with the prompt masked or not, and the
+train / validation split."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_WITHOUT_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+IGNORE_INDEX = -100  # label of tokens the loss skips
+
+
+class NotAlpacaData(ValueError):
+    """Data that is not a list of Alpaca records; the message says what is missing."""
+
+
+def prompt(record: dict) -> str:
+    """The Alpaca prompt of one record (everything before the response)."""
+    template = PROMPT_WITH_INPUT if str(record.get("input") or "").strip() else PROMPT_WITHOUT_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input") or "")
+
+
+def check_records(records: object, where: str) -> list[dict]:
+    """``records`` if it is a non-empty list of dicts with string ``instruction`` and ``output``."""
+    if not isinstance(records, list) or not records:
+        raise NotAlpacaData(f"{where} is not Alpaca-format data: expected a JSON list of records with "
+                            "'instruction', 'input' (optional) and 'output'")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("instruction", "output")):
+            raise NotAlpacaData(f"{where}: record {index} is not Alpaca-format (it needs string 'instruction' and "
+                                "'output' fields, 'input' optional): fix the file or pass another --data_path")
+    return records
+
+
+def load_records(data_path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """Alpaca records from a local JSON (a list) or JSON-lines file, else from the Hugging Face hub (a dataset
+    id such as yahma/alpaca-cleaned, when online). Checked before any training."""
+    path = Path(data_path).expanduser()
+    if path.is_file():
+        text = path.read_text()
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                raise NotAlpacaData(f"{path} is neither JSON nor JSON lines: pass an Alpaca-format .json file") from None
+        records = check_records(records, str(path))
+    elif path.exists() or str(data_path).endswith((".json", ".jsonl")):
+        raise NotAlpacaData(f"--data_path {data_path} is not a file: pass an Alpaca-format .json file")
+    else:
+        from datasets import load_dataset
+
+        try:
+            records = check_records(list(load_dataset(str(data_path), split="train")), str(data_path))
+        except NotAlpacaData:
+            raise
+        except Exception as error:  # offline, unknown id
+            raise NotAlpacaData(f"--data_path {data_path}: no such file, and the hub gave {type(error).__name__}: "
+                                "pass a local Alpaca-format .json file") from None
+    return records[:limit] if limit else records
+
+
+def tokenize(record: dict, tokenizer, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool) -> dict:
+    """input_ids, attention_mask and labels of one record; the prompt's labels are IGNORE_INDEX unless
+    ``train_on_inputs``."""
+    full_prompt = prompt(record) + record["output"]
+    ids = tokenizer(full_prompt, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos_token and eos is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    labels = list(ids)
+    if not train_on_inputs:
+        prompt_length = len(tokenizer(prompt(record), truncation=True, max_length=cutoff_len,
+                                      add_special_tokens=True)["input_ids"])
+        labels[:prompt_length] = [IGNORE_INDEX] * min(prompt_length, len(labels))
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def split(records: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): ``val_set_size`` records drawn at random for validation (0: none)."""
+    import random
+
+    if val_set_size >= len(records):
+        raise ValueError(f"--val_set_size {val_set_size} leaves no training record of {len(records)}: lower it")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    validation = [records[i] for i in order[:val_set_size]]
+    train = [records[i] for i in order[val_set_size:]]
+    return train, validation
