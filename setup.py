@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["depgraph*", "pruners*", "recover*", "evaluation*", "modelio*", "corpora*"]),
     package_data={"evaluation.tasks": ["*.yaml"]},
-    py_modules=["hf_prune"],
+    py_modules=["hf_prune", "post_training"],
     install_requires=[
         "torch>=2.3,<2.15",
         "transformers>=5.0,<6",

@@ -171,7 +171,8 @@ def check_writable(folder: str | os.PathLike, what: str = "--save_model") -> Non
                               f"choose another {what}") from None
 
 
-def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = False) -> Path:
+def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = False,
+                      flag: str = "--save_model") -> Path:
     """The folder ``save_model`` would write, or an UnsafeSaveError naming the fix; writes nothing.
 
     ``sources`` are the places the model came from (never written over, into or above).
@@ -180,13 +181,13 @@ def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = Fal
     for origin in (Path(str(s)).expanduser() for s in sources if s):
         if origin.exists() and _overlaps(target, origin):
             raise UnsafeSaveError(f"refusing to write {target} over, into or above the input model at {origin}: "
-                                  f"choose another --save_model")
+                                  f"choose another {flag}")
     if target.exists() and not target.is_dir():
-        raise UnsafeSaveError(f"{target} is a file, not a folder: choose another --save_model")
+        raise UnsafeSaveError(f"{target} is a file, not a folder: choose another {flag}")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder, or pass --overwrite "
                               f"(overwrite=True from Python) to replace it")
-    check_writable(target.parent)
+    check_writable(target.parent, flag)
     return target
 
 

@@ -33,10 +33,10 @@ def _dense(module: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def refactorize(model: nn.Module, record: ActionRecord) -> list[str]:
-    """Replace every module the record factorized by ``LowRankLinear`` factors at its recorded rank, in
-    place. Returns the module names changed. Refuses a record that does not fit the model, before changing
-    anything."""
+def refactorize(model: nn.Module, record: ActionRecord, extra_rank: int = 0) -> list[str]:
+    """Replace every module the record factorized by ``LowRankLinear`` factors at its recorded rank (plus
+    ``extra_rank``, e.g. the LoRA rank, to keep more of what training added), in place. Returns the module
+    names changed. Refuses a record that does not fit the model, before changing anything."""
     entries = record.of("factorize")
     modules = dict(model.named_modules())
     missing = [entry["module"] for entry in entries if entry["module"] not in modules]
@@ -53,7 +53,7 @@ def refactorize(model: nn.Module, record: ActionRecord) -> list[str]:
     for entry in entries:
         parent_name, _, attribute = entry["module"].rpartition(".")
         parent = model.get_submodule(parent_name)
-        low_rank = factorize(_dense(getattr(parent, attribute)), entry["rank"], "SVD")
+        low_rank = factorize(_dense(getattr(parent, attribute)), entry["rank"] + extra_rank, "SVD")
         setattr(parent, attribute, low_rank)
         changed.append(entry["module"])
     return changed

@@ -161,3 +161,59 @@ def test_data_that_is_not_alpaca_is_refused(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(NotAlpacaData, match=message):
         load_records(path)
+
+
+@pytest.fixture
+def pruned_folder(tokenizer, tmp_path) -> "Path":
+    model, report = _pruned(tokenizer, "lorap")
+    return save_model(model, tokenizer, tmp_path / "pruned", record=report.record)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+SHORT_FLAGS = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--val_set_size", "4",
+               "--eval_steps", "1", "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-2",
+               "--max_tokens", "512", "--seq_len", "64"]
+
+
+def test_post_training_recovers_factorizes_again_and_reports(pruned_folder, data_file, tmp_path):
+    import post_training
+
+    out = tmp_path / "recovered"
+    code = post_training.main(["--prune_model", str(pruned_folder), "--data_path", str(data_file), "--output_dir",
+                               str(out), *SHORT_FLAGS])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["before"]) == set(report["after"]) == {"wikitext2"}
+    assert report["parameters_after"] == report["parameters_before"]
+    assert (out / "loss.png").stat().st_size > 0
+    loaded = load_model(out / "model")
+    assert sum(p.numel() for p in loaded.parameters()) == report["parameters_before"]
+    assert load_record(out / "model").ranks() == load_record(pruned_folder).ranks()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_a_model", "has no config.json"),
+    ("not_alpaca", "not Alpaca-format"),
+    ("output_is_input", "input model"),
+])
+def test_post_training_refuses_bad_input_before_loading(case, message, pruned_folder, data_file, tmp_path, capsys):
+    import post_training
+
+    folder, data, out = str(pruned_folder), str(data_file), str(tmp_path / "out")
+    if case == "not_a_model":
+        (tmp_path / "empty").mkdir()
+        folder = str(tmp_path / "empty")
+    elif case == "not_alpaca":
+        (tmp_path / "bad.json").write_text(json.dumps([{"question": "?", "answer": "!"}]))
+        data = str(tmp_path / "bad.json")
+    else:
+        out = folder
+    code = post_training.main(["--prune_model", folder, "--data_path", data, "--output_dir", out, *SHORT_FLAGS])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

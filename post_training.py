@@ -1,0 +1,203 @@
+"""Recover a pruned model: ``python post_training.py --prune_model pruned-smollm2 --output_dir recovered``.
+
+A thin command line over ``recover``: check the folder, the data and the output, load, measure, fine-tune
+LoRA adapters on Alpaca-format data (transformers' Trainer: accumulation, validation loss, checkpoints,
+``--resume_from_checkpoint``), merge them into the weights, factorize again at the recorded ranks where the
+pruning factorized, measure again, and save a plain compressed model to ``<output_dir>/model`` with a JSON
+report and the loss curve. Under ``accelerate launch post_training.py ...`` the Trainer spreads the batches
+over the processes. Bad input is one ``error:`` line (exit code 2) before any measuring or training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from corpora import DataNotFoundError, resolve_data_dir
+from corpora.sources import EVALUATION_SETS, evaluation_text
+from evaluation import perplexity
+from hf_prune import Parser, comma_list, fail, rounded, str_to_bool
+from modelio import ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
+from modelio.load import resolve_model_path
+from modelio.save import check_save_target, check_writable
+from pruners import count_parameters, load_record
+from recover import refactorize
+from recover.data import NotAlpacaData, load_records
+from recover.lora import LoraSettings, merged, train_lora
+
+ERRORS = (ModelNotFoundError, DataNotFoundError, UnsafeSaveError, NotAlpacaData, ValueError)
+DEFAULT_DATA = "instruct/instruct_mix.json"  # inside the data directory (shared/data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = LoraSettings()
+    parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prune_model", required=True, help="folder saved by hf_prune.py --save_model")
+    parser.add_argument("--data_path", default=None,
+                        help=f"Alpaca-format JSON file, or a hub id when online (None: {DEFAULT_DATA} in the data "
+                             "directory)")
+    parser.add_argument("--output_dir", required=True,
+                        help="checkpoints, report.json, loss.png and the recovered model (<output_dir>/model)")
+    for field in fields(LoraSettings):
+        if field.name in ("lora_target_modules",):
+            parser.add_argument("--lora_target_modules", default=None,
+                                help="comma list of projection names (q_proj,v_proj, ...); None: every attention "
+                                     "and MLP projection the architecture rule names")
+            continue
+        kind = str_to_bool if field.type in (bool, "bool") else type(field.default)
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+    parser.add_argument("--max_records", type=int, default=None, help="use the first N records (None: all)")
+    parser.add_argument("--resume_from_checkpoint", nargs="?", const="last", default=None,
+                        help="resume from <output_dir>/checkpoints (its last checkpoint) or from this checkpoint")
+    parser.add_argument("--extra_rank", type=int, default=0,
+                        help="factorize again at the recorded rank plus this (e.g. --lora_r to keep all of the update)")
+    parser.add_argument("--data_dir", default=None, help="folder laid out like shared/data (None: as hf_prune.py)")
+    parser.add_argument("--eval_datasets", type=comma_list(EVALUATION_SETS, "--eval_datasets"), default="wikitext2")
+    parser.add_argument("--max_tokens", type=int, default=32768, help="evaluate on this prefix of each test set")
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per evaluation window")
+    parser.add_argument("--test_before_train", type=str_to_bool, default=True)
+    parser.add_argument("--test_after_train", type=str_to_bool, default=True)
+    parser.add_argument("--zeroshot_limit", type=int, default=0,
+                        help="documents per zero-shot task before and after (0: no zero-shot)")
+    parser.add_argument("--overwrite", type=str_to_bool, nargs="?", const=True, default=False,
+                        help="replace an existing <output_dir>/model")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def lora_settings(args: argparse.Namespace) -> LoraSettings:
+    return LoraSettings(**{field.name: getattr(args, field.name) for field in fields(LoraSettings)})
+
+
+def data_path(args: argparse.Namespace) -> str:
+    if args.data_path:
+        return args.data_path
+    folder = resolve_data_dir(args.data_dir)
+    if folder is None:
+        raise DataNotFoundError(f"no data directory has {DEFAULT_DATA}: pass --data_path (an Alpaca-format JSON)")
+    return str(Path(folder) / DEFAULT_DATA)
+
+
+def check(args: argparse.Namespace) -> list[dict]:
+    """Everything that can be refused before loading: settings, the model folder, the output, the data."""
+    settings = lora_settings(args)
+    settings.check()
+    if args.extra_rank < 0:
+        raise ValueError(f"--extra_rank must be at least 0, got {args.extra_rank}")
+    source = Path(resolve_model_path(args.prune_model))
+    if not (source / "config.json").is_file():
+        raise ModelNotFoundError(f"--prune_model {args.prune_model} is not a saved model (no config.json): pass a "
+                                 "folder written by hf_prune.py --save_model")
+    output = Path(args.output_dir).expanduser()
+    check_save_target(output / "model", (source,), args.overwrite, flag="--output_dir")
+    if output.exists() and _overlaps(output, source):
+        raise UnsafeSaveError(f"--output_dir {output} is the input model's folder: choose another --output_dir")
+    check_writable(output.absolute().parent if not output.exists() else output, "--output_dir")
+    records = load_records(data_path(args), args.max_records)
+    if settings.val_set_size >= len(records):
+        raise ValueError(f"--val_set_size {settings.val_set_size} leaves no training record of {len(records)}: "
+                         "lower it")
+    if args.test_before_train or args.test_after_train:
+        for dataset in [d for d in args.eval_datasets.split(",") if d]:
+            evaluation_text(dataset, data_dir=args.data_dir)
+    return records
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def measure(model, tokenizer, args) -> dict:
+    figures = {dataset: perplexity(model, tokenizer, dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                   data_dir=args.data_dir) for dataset in args.eval_datasets.split(",") if dataset}
+    if args.zeroshot_limit:
+        from evaluation.zeroshot import zero_shot
+
+        figures["zeroshot_mean"] = 100 * zero_shot(model, tokenizer, tasks="all", limit=args.zeroshot_limit).mean
+    return figures
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    validation = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for points, label in ((train, "training loss"), (validation, "validation loss")):
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        records = check(args)
+        model, tokenizer = load_model_and_tokenizer(args.prune_model, device=args.device)
+        run(model, tokenizer, records, args)
+    except ERRORS as error:
+        return fail(error)
+    return 0
+
+
+def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None:
+    output = Path(args.output_dir).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    record = load_record(resolve_model_path(args.prune_model))
+    report: dict = {"settings": vars(args), "records": len(records), "parameters_before": count_parameters(model)}
+    print(f"loaded {args.prune_model}: {report['parameters_before']:,} parameters; {len(records):,} records")
+    if args.test_before_train:
+        report["before"] = measure(model, tokenizer, args)
+        print(f"before: {rounded(report['before'])}")
+    start = time.perf_counter()
+    resume = None
+    if args.resume_from_checkpoint:
+        resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
+    peft_model, history = train_lora(model, tokenizer, records, lora_settings(args), output, resume)
+    model = merged(peft_model)
+    if record is not None and record.ranks():
+        changed = refactorize(model, record, args.extra_rank)
+        for entry in record.of("factorize"):
+            entry["rank"] += args.extra_rank
+        print(f"factorized {len(changed)} modules again at the recorded ranks" +
+              (f" + {args.extra_rank}" if args.extra_rank else ""))
+    report.update(train_seconds=round(time.perf_counter() - start, 1), history=history,
+                  parameters_after=count_parameters(model),
+                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    if args.test_after_train:
+        report["after"] = measure(model, tokenizer, args)
+        print(f"after: {rounded(report['after'])}")
+    where = save_model(model, tokenizer, output / "model", overwrite=args.overwrite, source=args.prune_model,
+                       record=record)
+    plot_loss(history, output / "loss.png")
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"saved to {where} ({report['parameters_after']:,} parameters); report {output / 'report.json'}, "
+          f"loss curve {output / 'loss.png'}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    code = main(argv)
+    if code == 0:
+        print(f"done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(cli())
