@@ -4,13 +4,14 @@ A thin command line over ``recover``: check the folder, the data and the output,
 LoRA adapters on Alpaca-format data (transformers' Trainer: accumulation, validation loss, checkpoints,
 ``--resume_from_checkpoint``), merge them into the weights, factorize again at the recorded ranks where the
 pruning factorized, measure again, and save a plain compressed model to ``<output_dir>/model`` with a JSON
-report and the loss curve. Under ``accelerate launch post_training.py ...`` the Trainer spreads the batches
-over the processes. Bad input is one ``error:`` line (exit code 2) before any measuring or training.
+report and the loss curve. Under ``torchrun --nproc_per_node N post_training.py ...`` (or ``accelerate launch``
+on several GPUs) the Trainer spreads the batches over the processes and the first one measures and saves. Bad input is one ``error:`` line (exit code 2) before any measuring or training.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -155,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process trains; only the first measures and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None:
+    main_process = is_main_process()
     output = Path(args.output_dir).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     record = load_record(resolve_model_path(args.prune_model))
     report: dict = {"settings": vars(args), "records": len(records), "parameters_before": count_parameters(model)}
     print(f"loaded {args.prune_model}: {report['parameters_before']:,} parameters; {len(records):,} records")
-    if args.test_before_train:
+    if args.test_before_train and main_process:
         report["before"] = measure(model, tokenizer, args)
         print(f"before: {rounded(report['before'])}")
     start = time.perf_counter()
@@ -169,6 +176,8 @@ def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None
     if args.resume_from_checkpoint:
         resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
     peft_model, history = train_lora(model, tokenizer, records, lora_settings(args), output, resume)
+    if not main_process:
+        return
     model = merged(peft_model)
     if record is not None and record.ranks():
         changed = refactorize(model, record, args.extra_rank)

@@ -217,3 +217,23 @@ def test_post_training_refuses_bad_input_before_loading(case, message, pruned_fo
     code = post_training.main(["--prune_model", folder, "--data_path", data, "--output_dir", out, *SHORT_FLAGS])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_post_training_runs_on_two_processes(pruned_folder, data_file, tmp_path):
+    """torchrun with two CPU processes: both train on their share of every batch, the first saves."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "two"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "post_training.py"), "--prune_model", str(pruned_folder), "--data_path",
+                           str(data_file), "--output_dir", str(out), *SHORT_FLAGS, "--micro_batch_size", "1"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("loaded ") == 2 and proc.stdout.count("saved to ") == 1
+    history = json.loads((out / "report.json").read_text())["history"]
+    # two processes of micro-batch 1 with accumulation 4 take 8 records a step: twice a single process's epochs
+    assert history[-1]["epoch"] == pytest.approx(2 * 4 * 2 / (len(RECORDS) - 4), abs=1e-6)
+    assert load_model(out / "model") is not None
