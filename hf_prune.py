@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 
@@ -388,13 +388,18 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         _write_file(args.report).write_text(json.dumps(results, indent=2, default=str))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``main`` plus the total time, printed only when the run succeeded."""
+def timed(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """``entry(argv)`` plus the total time, printed only when the run succeeded (every command line's ``cli``)."""
     start = time.perf_counter()
-    code = main(argv)
+    code = entry(argv)
     if code == 0:
         print(f"done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     return code
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` plus the total time, printed only when the run succeeded."""
+    return timed(main, argv)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
 from corpora.sources import EVALUATION_SETS, evaluation_text
-from evaluation import perplexity
-from hf_prune import Parser, comma_list, fail, rounded, str_to_bool
+from hf_prune import Parser, comma_list, fail, rounded, str_to_bool, timed
+from hf_prune import measure as measure_perplexity
 from modelio import ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
 from modelio.load import resolve_model_path
-from modelio.save import check_save_target, check_writable
+from modelio.save import check_save_target, overlaps
 from pruners import count_parameters, load_record
 from recover import refactorize
-from recover.data import NotAlpacaData, load_records
+from recover.data import NotAlpacaData, check_val_set_size, load_records
 from recover.lora import LoraSettings, merged, train_lora
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, UnsafeSaveError, NotAlpacaData, ValueError)
@@ -37,7 +37,6 @@ DEFAULT_DATA = "instruct/instruct_mix.json"  # inside the data directory (shared
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = LoraSettings()
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prune_model", required=True, help="folder saved by hf_prune.py --save_model")
     parser.add_argument("--data_path", default=None,
@@ -96,28 +95,20 @@ def check(args: argparse.Namespace) -> list[dict]:
         raise ModelNotFoundError(f"--prune_model {args.prune_model} is not a saved model (no config.json): pass a "
                                  "folder written by hf_prune.py --save_model")
     output = Path(args.output_dir).expanduser()
-    check_save_target(output / "model", (source,), args.overwrite, flag="--output_dir")
-    if output.exists() and _overlaps(output, source):
+    check_save_target(output / "model", (source,), args.overwrite, flag="--output_dir")  # writability too
+    if output.exists() and overlaps(output, source):
         raise UnsafeSaveError(f"--output_dir {output} is the input model's folder: choose another --output_dir")
-    check_writable(output.absolute().parent if not output.exists() else output, "--output_dir")
     records = load_records(data_path(args), args.max_records)
-    if settings.val_set_size >= len(records):
-        raise ValueError(f"--val_set_size {settings.val_set_size} leaves no training record of {len(records)}: "
-                         "lower it")
+    check_val_set_size(settings.val_set_size, len(records))
     if args.test_before_train or args.test_after_train:
         for dataset in [d for d in args.eval_datasets.split(",") if d]:
             evaluation_text(dataset, data_dir=args.data_dir)
     return records
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
 def measure(model, tokenizer, args) -> dict:
-    figures = {dataset: perplexity(model, tokenizer, dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                   data_dir=args.data_dir) for dataset in args.eval_datasets.split(",") if dataset}
+    """Perplexity on every --eval_datasets set (as hf_prune.py measures), and the zero-shot mean if asked."""
+    figures = measure_perplexity(model, tokenizer, args)
     if args.zeroshot_limit:
         from evaluation.zeroshot import zero_shot
 
@@ -200,11 +191,7 @@ def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None
 
 
 def cli(argv: list[str] | None = None) -> int:
-    start = time.perf_counter()
-    code = main(argv)
-    if code == 0:
-        print(f"done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    return code
+    return timed(main, argv)
 
 
 if __name__ == "__main__":

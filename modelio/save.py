@@ -143,7 +143,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _overlaps(target: Path, origin: Path) -> bool:
+def overlaps(target: Path, origin: Path) -> bool:
     """Whether writing ``target`` would write over, into or above the folder ``origin``."""
     try:
         a, b = target.resolve(), origin.resolve()
@@ -179,7 +179,7 @@ def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = Fal
     """
     target = Path(path).expanduser()
     for origin in (Path(str(s)).expanduser() for s in sources if s):
-        if origin.exists() and _overlaps(target, origin):
+        if origin.exists() and overlaps(target, origin):
             raise UnsafeSaveError(f"refusing to write {target} over, into or above the input model at {origin}: "
                                   f"choose another {flag}")
     if target.exists() and not target.is_dir():

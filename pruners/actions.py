@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from depgraph import Plan
 from pruners.allocation import allocate
 from pruners.compensation import bias_parameters_added, compensate_bias
-from pruners.factorization import factorize, max_useful_rank
+from pruners.factorization import factorize, saves_parameters
 
 
 def record_removals(context, plan: Plan) -> None:
@@ -81,8 +81,7 @@ class Factorize:
             full = f"{prefix}.{name}"
             rank = context.allocation.ranks.get(full)
             linear = parent.get_submodule(name)
-            if rank is None or rank >= min(linear.in_features, linear.out_features) or \
-                    rank > max_useful_rank(linear.in_features, linear.out_features):
+            if rank is None or not saves_parameters(linear, rank):
                 continue
             shape = (linear.in_features, linear.out_features)
             new = factorize(linear, rank, self.method, step.statistics.get(f"{prefix}.{source}"),

@@ -11,7 +11,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, rule_for
 from pruners.allocation import FixedHeads
-from pruners.methods import (Composition, PruneSettings, check_settings_read, composition_of,
+from pruners.methods import (Composition, PruneSettings, composition_of,
                              count_parameters, resolved, select_spaces, selected_sublayers, sublayer_selection)
 
 # The kinds pruners.methods._llm_pruner_estimator builds (it keeps them in a local dict).
@@ -94,10 +94,9 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
 
 
 def preflight(model: nn.Module, settings: PruneSettings, composition: Composition | None = None) -> None:
-    """Every check that needs the model: its architecture, the flags the method reads, the layer ranges,
-    --remove_heads and the budget."""
+    """Every check that needs the model: its architecture, the layer ranges, --remove_heads and the budget
+    (the flags the method reads are checked before loading, ``pruners.methods.check_settings_read``)."""
     rule = rule_for(model)
-    check_settings_read(settings, composition)
     check_layer_ranges(settings, len(rule.decoder_layers(model)))
     check_remove_heads_applies(settings)
     check_budget(model, settings, composition)

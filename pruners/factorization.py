@@ -49,6 +49,12 @@ def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: Input
     return basis.T @ w, basis
 
 
+def saves_parameters(linear: nn.Module, rank: int) -> bool:
+    """Whether factors of ``rank`` hold fewer parameters than the dense ``linear`` (else it stays as it is)."""
+    return rank < min(linear.in_features, linear.out_features) and \
+        rank <= max_useful_rank(linear.in_features, linear.out_features)
+
+
 def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None,
               real_com: bool = True) -> nn.Module:
     """A ``LowRankLinear`` of ``rank`` replacing ``linear`` (bias kept on ``up``).
@@ -56,8 +62,7 @@ def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputS
     With ``real_com=False`` the product is written back into a dense ``nn.Linear`` of the original size (what
     LoRAP fine-tunes before compressing for real); a rank too large to save parameters keeps the layer.
     """
-    if rank >= min(linear.in_features, linear.out_features) or rank > max_useful_rank(linear.in_features,
-                                                                                        linear.out_features):
+    if not saves_parameters(linear, rank):
         return linear
     down, up = factors(linear.weight, rank, method, stats)
     dtype, device = linear.weight.dtype, linear.weight.device

@@ -146,7 +146,7 @@ class LayerPipeline:
         for index in progress(range(len(layers)), desc, self.show_progress):
             observed = _observed(context, steps, index)
             with self.placed(self.layers()[index]) as layer:
-                with observe_inputs({name: modules_now(self.model, name) for name in observed}, observed) as stats:
+                with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as stats:
                     outputs = run_layer(layer, inputs)
                 step = LayerPass(index, layer, inputs, outputs, stats)
                 for each in steps:
@@ -159,17 +159,13 @@ class LayerPipeline:
         if (after or run_head) and self.head is not None:
             head = self.head()
             home = next(self.model.get_output_embeddings().parameters()).device
-            with observe_inputs({name: modules_now(self.model, name) for name in after}, after) as stats:
+            with observe_inputs({name: self.model.get_submodule(name) for name in after}, after) as stats:
                 for args, kwargs in inputs:
                     head(hidden_of(args, kwargs).to(home))
             last = LayerPass(-1, None, inputs, [], stats)
             for each in steps:
                 if hasattr(each, "after_layers"):
                     each.after_layers(context, last)
-
-
-def modules_now(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def _observed(context, steps: list, index: int | None) -> dict[str, bool]:

@@ -85,12 +85,17 @@ def tokenize(record: dict, tokenizer, cutoff_len: int, train_on_inputs: bool, ad
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def check_val_set_size(val_set_size: int, records: int) -> None:
+    """A validation split that leaves records to train on."""
+    if val_set_size >= records:
+        raise ValueError(f"--val_set_size {val_set_size} leaves no training record of {records}: lower it")
+
+
 def split(records: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, validation): ``val_set_size`` records drawn at random for validation (0: none)."""
     import random
 
-    if val_set_size >= len(records):
-        raise ValueError(f"--val_set_size {val_set_size} leaves no training record of {len(records)}: lower it")
+    check_val_set_size(val_set_size, len(records))
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     validation = [records[i] for i in order[:val_set_size]]
