@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = str_to_bool if field.type in (bool, "bool") else type(field.default)
         parser.add_argument(f"--{field.name}", type=kind, default=field.default)
-    parser.add_argument("--max_records", type=int, default=None, help="use the first N records (None: all)")
+    parser.add_argument("--max_records", type=int, default=None, help="use N records drawn at random with --seed (None: all)")
     parser.add_argument("--resume_from_checkpoint", nargs="?", const="last", default=None,
                         help="resume from <output_dir>/checkpoints (its last checkpoint) or from this checkpoint")
     parser.add_argument("--extra_rank", type=int, default=0,
@@ -98,7 +98,7 @@ def check(args: argparse.Namespace) -> list[dict]:
     check_save_target(output / "model", (source,), args.overwrite, flag="--output_dir")  # writability too
     if output.exists() and overlaps(output, source):
         raise UnsafeSaveError(f"--output_dir {output} is the input model's folder: choose another --output_dir")
-    records = load_records(data_path(args), args.max_records)
+    records = load_records(data_path(args), args.max_records, args.seed)
     check_val_set_size(settings.val_set_size, len(records))
     if args.test_before_train or args.test_after_train:
         for dataset in [d for d in args.eval_datasets.split(",") if d]:

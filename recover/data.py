@@ -40,9 +40,11 @@ def check_records(records: object, where: str) -> list[dict]:
     return records
 
 
-def load_records(data_path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+def load_records(data_path: str | os.PathLike, limit: int | None = None, seed: int = 42) -> list[dict]:
     """Alpaca records from a local JSON (a list) or JSON-lines file, else from the Hugging Face hub (a dataset
-    id such as yahma/alpaca-cleaned, when online). Checked before any training."""
+    id such as yahma/alpaca-cleaned, when online). Checked before any training. ``limit`` draws that many at
+    random (``seed``), in file order: mixed files are often grouped by source, so the first N would be one
+    source only."""
     path = Path(data_path).expanduser()
     if path.is_file():
         text = path.read_text()
@@ -66,7 +68,18 @@ def load_records(data_path: str | os.PathLike, limit: int | None = None) -> list
         except Exception as error:  # offline, unknown id
             raise NotAlpacaData(f"--data_path {data_path}: no such file, and the hub gave {type(error).__name__}: "
                                 "pass a local Alpaca-format .json file") from None
-    return records[:limit] if limit else records
+    return sample(records, limit, seed)
+
+
+def sample(records: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """``limit`` records drawn at random with ``seed``, kept in their order (all of them if ``limit`` is None or
+    not below their number)."""
+    import random
+
+    if not limit or limit >= len(records):
+        return records
+    chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in chosen]
 
 
 def tokenize(record: dict, tokenizer, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool) -> dict:

@@ -163,6 +163,18 @@ def test_data_that_is_not_alpaca_is_refused(tmp_path, content, message):
         load_records(path)
 
 
+def test_max_records_draws_from_the_whole_file_in_its_order(tmp_path):
+    grouped = [{"instruction": f"{source} {i}", "input": "", "output": "y", "source": source}
+               for source in ("seed", "math", "story") for i in range(50)]
+    path = tmp_path / "grouped.json"
+    path.write_text(json.dumps(grouped))
+    drawn = load_records(path, 30, seed=1)
+    assert len(drawn) == 30 and {r["source"] for r in drawn} == {"seed", "math", "story"}
+    assert drawn == sorted(drawn, key=grouped.index)  # file order kept
+    assert drawn == load_records(path, 30, seed=1) and drawn != load_records(path, 30, seed=2)
+    assert load_records(path, 1000) == grouped
+
+
 @pytest.fixture
 def pruned_folder(tokenizer, tmp_path) -> "Path":
     model, report = _pruned(tokenizer, "lorap")
