@@ -108,6 +108,9 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
                              "(-1: allocate heads by score)")
     parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
                         help="fold removed channels' mean input into a bias (None: the method's)")
+    parser.add_argument("--refit", type=str_to_bool, default=defaults.refit,
+                        help="refit o_proj / down_proj by least squares on the kept columns after heads or MLP "
+                             "channels go (block mode; llm_pruner, flap, wanda_sp, mag_sp, lorap)")
 
 
 def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:

@@ -9,6 +9,7 @@ from depgraph import Plan
 from pruners.allocation import allocate
 from pruners.compensation import bias_parameters_added, compensate_bias
 from pruners.factorization import factorize, saves_parameters
+from pruners.refit import refit_linear, removed_input_columns
 
 
 def record_removals(context, plan: Plan) -> None:
@@ -96,17 +97,19 @@ class Factorize:
 class PruneChannels:
     """Remove the weakest MLP channels of each selected layer, as many as its layer target still has due
     (so they absorb what coarser actions before them could not hit), scored on that layer's inputs by
-    ``estimator`` (an ``ActivationEstimator``: wanda_sp, FLAP's fluctuation, mag_sp)."""
+    ``estimator`` (an ``ActivationEstimator``: wanda_sp, FLAP's fluctuation, mag_sp). With ``refit`` the
+    down projection is refitted on the kept channels by least squares (``pruners.refit``)."""
 
     estimator: object
     round_to: int = 1
+    refit: bool = False
 
     def observes(self, context, index):
         if index is None or index not in context.selection.get("mlp", []):
             return {}
         from pruners.estimators import input_linears
 
-        return {name: False for name in input_linears(context.graph, context.graph.in_layer(index, "channels"))}
+        return {name: self.refit for name in input_linears(context.graph, context.graph.in_layer(index, "channels"))}
 
     def on_layer(self, context, step) -> None:
         if step.index not in context.selection.get("mlp", []):
@@ -119,6 +122,11 @@ class PruneChannels:
             return
         scores = {space.name: self.estimator.score_space(context.graph, space, step.statistics)}
         plan = allocate(context.graph, [space], scores, int(due), "UL-UM", self.round_to)
+        if self.refit:
+            for name, columns in removed_input_columns(context.graph, plan).items():
+                refit_linear(context.model.get_submodule(name), step.statistics[name], columns)
+                context.record.add("refit", layer=step.index, module=name, method="least squares on kept columns",
+                                   intercept=False)
         record_removals(context, plan)
         context.ledger.spend(len(plan.remove.get(space.name, [])) * per_channel)
         context.graph.apply(plan)

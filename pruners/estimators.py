@@ -155,6 +155,13 @@ class TaylorEstimator(_WholeModel):
     mode: str = "param_first"
     grouping: str = "sum"
     batch_size: int = 2
+    examples: int | None = None  # the first this many calibration windows (the rest serve a later layer pass)
+
+    def estimate(self, context) -> dict[str, np.ndarray]:
+        batches = context.batches
+        if batches is not None and self.examples is not None:
+            batches = batches[: self.examples]
+        return self.scores(context.graph, context.spaces, batches)
 
     @property
     def name(self) -> str:

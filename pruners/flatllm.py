@@ -24,6 +24,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Plan
 from pruners.actions import record_removals
+from pruners.refit import least_squares_weight
 
 
 def importance_preserving_ratios(importance: np.ndarray, sizes: np.ndarray, keep_total: float) -> np.ndarray:
@@ -200,12 +201,7 @@ class KeepChannelsRefit:
         moment = gram / max(stats.count, 1)
         score = MLP_SCORES[self.score](gram, moment, down.weight.detach())
         kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep])
-        kept_t = torch.as_tensor(kept)
-        block = moment[kept_t][:, kept_t]
-        damp = 1e-4 * block.diagonal().mean().clamp_min(1e-12)
-        # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
-        solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept_t])
-        refit = down.weight.detach().double().cpu() @ solution.T
+        refit, _ = least_squares_weight(down.weight, stats, torch.as_tensor(kept))
         plan = Plan(remove={space.name: sorted(set(range(width)) - set(kept.tolist()))})
         record_removals(context, plan)
         context.ledger.spend((width - keep) * per_channel)

@@ -21,6 +21,7 @@ from pruners.estimators import (ActivationEstimator, BlockInfluence, MagnitudeEs
 from pruners.flatllm import ImportancePreserving, KeepChannelsRefit, RotateValues
 from pruners.lorap import SharedFraction
 from pruners.pipeline import PROPAGATIONS, LayerPipeline
+from pruners.refit import Refit
 from pruners.record import ActionRecord
 from pruners.statistics import model_head
 
@@ -62,6 +63,8 @@ class PruneSettings:
     flatllm_mlp_score: str = "leverage"
     # what layer i + 1 is calibrated on after layer i was acted on: dense or compressed outputs (None: the method's)
     propagate: str | None = None
+    # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode)
+    refit: bool = False
 
 
 MODES = ("block", "channel", "layer")
@@ -106,11 +109,12 @@ class Composition:
     modes: tuple[str, ...] = ("block", "channel")
     sublayer: str = "mlp"
     propagate: str = "dense"
+    conditional_reads: Callable[[PruneSettings], frozenset[str]] = lambda settings: frozenset()
 
 
 def _llm_pruner_estimator(settings: PruneSettings):
     kinds = {
-        "taylor": lambda: TaylorEstimator(settings.taylor, settings.grouping_strategy),
+        "taylor": lambda: TaylorEstimator(settings.taylor, settings.grouping_strategy, examples=settings.num_examples),
         "l1": lambda: MagnitudeEstimator(1, settings.grouping_strategy),
         "l2": lambda: MagnitudeEstimator(2, settings.grouping_strategy),
         "random": lambda: RandomEstimator(settings.seed),
@@ -128,17 +132,29 @@ def units_allocator(settings: PruneSettings):
 
 
 def removal(settings: PruneSettings) -> list:
-    return [RemoveStructures()]
+    """Removal, after a least-squares refit of what loses input columns when --refit is on."""
+    return ([Refit()] if settings.refit else []) + [RemoveStructures()]
+
+
+def _compensated(settings: PruneSettings, compensate: bool) -> list:
+    if settings.refit:  # a refit with an intercept includes the bias compensation
+        return [Refit(intercept=compensate), RemoveStructures()]
+    return ([CompensateBias()] if compensate else []) + [RemoveStructures()]
 
 
 def compensated_removal(settings: PruneSettings) -> list:
     """FLAP's actions: bias compensation, then removal (``--bias_compensation False`` drops the first)."""
-    return ([CompensateBias()] if settings.bias_compensation in (None, True) else []) + [RemoveStructures()]
+    return _compensated(settings, settings.bias_compensation in (None, True))
 
 
 def optional_compensation(settings: PruneSettings) -> list:
     """Removal, with bias compensation only when asked (--bias_compensation True)."""
-    return ([CompensateBias()] if settings.bias_compensation else []) + [RemoveStructures()]
+    return _compensated(settings, bool(settings.bias_compensation))
+
+
+def _refit_reads(settings: PruneSettings) -> frozenset[str]:
+    """A refit runs a layer pass on the calibration windows: then their number and the propagation count."""
+    return frozenset({"nsamples", "propagate"}) if settings.refit else frozenset()
 
 
 def lorap_actions(settings: PruneSettings) -> list:
@@ -146,29 +162,31 @@ def lorap_actions(settings: PruneSettings) -> list:
     actions = [Factorize("self_attn", settings.deco_method, settings.real_com)]
     if settings.mlp_compress_method == "decom":
         return actions + [Factorize("mlp", settings.deco_method, settings.real_com)]
-    return actions + [PruneChannels(ActivationEstimator(settings.mlp_metric), settings.round_to)]
+    return actions + [PruneChannels(ActivationEstimator(settings.mlp_metric), settings.round_to, settings.refit)]
 
 
-REMOVING = frozenset({"structure", "gqa_policy", "remove_heads", "round_to"})
+REMOVING = frozenset({"structure", "gqa_policy", "remove_heads", "round_to", "refit"})
 METHODS: dict[str, Composition] = {
     "llm_pruner": Composition(
         "LLM-Pruner: gradient Taylor (or l1/l2/random) importance, uniform ratio per layer",
         _llm_pruner_estimator, units_allocator, removal,
-        samples=lambda s: s.num_examples if s.pruner_type == "taylor" else 0,
-        reads=REMOVING | {"pruner_type", "taylor", "grouping_strategy", "num_examples"},
+        samples=lambda s: max(s.num_examples if s.pruner_type == "taylor" else 0, s.nsamples if s.refit else 0),
+        reads=REMOVING | {"pruner_type", "taylor", "grouping_strategy", "num_examples"}, conditional_reads=_refit_reads,
     ),
     "flap": Composition(
         "FLAP: fluctuation of o_proj/down_proj inputs, bias compensation (--structure AL-AM for its adaptive ranking)",
         lambda s: ActivationEstimator(s.metrics, standardize_columns=(s.structure or "UL-UM") != "UL-UM"),
         units_allocator, compensated_removal, reads=REMOVING | {"metrics", "bias_compensation", "nsamples"},
+        conditional_reads=_refit_reads,
     ),
     "wanda_sp": Composition(
         "Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"), units_allocator,
-        optional_compensation, reads=REMOVING | {"bias_compensation", "nsamples"},
+        optional_compensation, reads=REMOVING | {"bias_compensation", "nsamples"}, conditional_reads=_refit_reads,
     ),
     "mag_sp": Composition(
         "magnitude-sp: column |W| sums, uniform per layer", lambda s: ActivationEstimator("mag_sp"),
-        units_allocator, removal, samples=lambda s: 0, reads=REMOVING,
+        units_allocator, removal, samples=lambda s: s.nsamples if s.refit else 0, reads=REMOVING,
+        conditional_reads=_refit_reads,
     ),
     "lorap": Composition(
         "LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
@@ -177,7 +195,7 @@ METHODS: dict[str, Composition] = {
                                  else ("self_attn",)),
         lorap_actions, select=mlp_channel_spaces, modes=("block",), sublayer="self_attn,mlp",
         reads=frozenset({"deco_method", "para_allocate", "mlp_compress_method", "mlp_metric", "real_com",
-                         "nsamples", "round_to", "propagate"}),
+                         "nsamples", "round_to", "propagate", "refit"}),
     ),
     "flatllm": Composition(
         "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
@@ -197,7 +215,7 @@ METHODS: dict[str, Composition] = {
 COMMON_SETTINGS = frozenset({"prune_method", "pruning_ratio", "calibration", "seq_len", "seed", "data_dir", "mode"})
 BLOCK_SETTINGS = frozenset({"sublayer", "block_attention_layer_start", "block_attention_layer_end",
                             "block_mlp_layer_start", "block_mlp_layer_end"})
-NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads"})
+NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads", "refit"})
 
 
 def composition_of(settings: PruneSettings) -> Composition:
@@ -227,7 +245,8 @@ def unread_settings(settings: PruneSettings, composition: Composition | None = N
     """The settings given (different from the defaults) that the method, in its mode, does not read."""
     composition = composition or composition_of(settings)
     mode = settings.mode or composition.modes[0]
-    reads = COMMON_SETTINGS | composition.reads | (BLOCK_SETTINGS if mode == "block" else frozenset())
+    reads = (COMMON_SETTINGS | composition.reads | composition.conditional_reads(settings)
+             | (BLOCK_SETTINGS if mode == "block" else frozenset()))
     if mode != "block":
         reads = reads - NOT_IN_CHANNEL_MODE
     defaults = PruneSettings()

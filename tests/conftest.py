@@ -61,7 +61,8 @@ def settings_for(method: str, **values):
     from pruners import PruneSettings
     from pruners.methods import METHODS
 
-    reads = METHODS[method].reads
+    composition = METHODS[method]
+    reads = composition.reads | composition.conditional_reads(PruneSettings(prune_method=method, **values))
     for name in ("nsamples", "num_examples"):
         if name not in reads:
             values.pop(name, None)

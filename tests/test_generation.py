@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modelio import save_model
-from pruners import METHODS, PruneSettings, prune_model
+from pruners import METHODS, prune_model
 from tests.conftest import COMMON, TINY_CONFIGS, settings_for, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -176,7 +176,7 @@ def test_max_records_draws_from_the_whole_file_in_its_order(tmp_path):
 
 
 @pytest.fixture
-def pruned_folder(tokenizer, tmp_path) -> "Path":
+def pruned_folder(tokenizer, tmp_path):
     model, report = _pruned(tokenizer, "lorap")
     return save_model(model, tokenizer, tmp_path / "pruned", record=report.record)
 

@@ -1,0 +1,99 @@
+"""Least-squares refit of a linear layer after some of its input columns are removed.
+
+With C the second moment of the layer's inputs on the calibration windows (E[x x^T]) and S the columns kept,
+W' = W C[:, S] (C[S, S] + damping)^-1 minimises E ||W x - W' x_S||^2: what the removed columns carried is
+re-expressed through the kept ones wherever they are correlated (MoDeGPT's Nyström form for the MLP, the
+same per attention output for heads). With an intercept the covariance is centred and the bias takes
+W E[x] - W' E[x_S], of which FLAP's bias compensation (W' = W[:, S]) is the zeroth-order case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from depgraph import DependencyGraph, Plan
+from pruners.compensation import bias_parameters_added
+from pruners.statistics import InputStatistics
+
+DAMPING = 1e-4  # relative to the mean diagonal of C[S, S]
+
+
+def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
+                         intercept: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W', bias change) for the kept input columns ``kept`` of ``weight`` ([out, in]), in float64."""
+    moment = stats.second_moment.double() / max(stats.count, 1)
+    mean = stats.mean.double()
+    if intercept:
+        moment = moment - torch.outer(mean, mean)
+    block = moment[kept][:, kept]
+    damp = DAMPING * block.diagonal().mean().clamp_min(1e-12)
+    # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
+    solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept])
+    w = weight.detach().double().cpu()
+    refit = w @ solution.T
+    bias = (w @ mean - refit @ mean[kept]) if intercept else None
+    return refit, bias
+
+
+def removed_input_columns(graph: DependencyGraph, plan: Plan) -> dict[str, list[int]]:
+    """For every linear whose input columns the plan removes: those columns."""
+    modules = dict(graph.model.named_modules())
+    columns: dict[str, set[int]] = {}
+    for space_name, elements in plan.remove.items():
+        for piece in graph.space(space_name).slices(elements):
+            module_name, _, attr = piece.name.rpartition(".")
+            if attr == "weight" and piece.dim == 1 and isinstance(modules.get(module_name), nn.Linear):
+                columns.setdefault(module_name, set()).update(piece.indices)
+    return {name: sorted(indices) for name, indices in columns.items()}
+
+
+@torch.no_grad()
+def refit_linear(linear: nn.Linear, stats: InputStatistics, removed: list[int], intercept: bool = False) -> None:
+    """Refit ``linear`` on the columns it keeps and zero the ``removed`` ones (which the removal then slices
+    out), so that the layer already computes what the pruned layer will."""
+    width = linear.in_features
+    kept = torch.as_tensor(sorted(set(range(width)) - set(removed)), dtype=torch.long)
+    refit, bias = least_squares_weight(linear.weight, stats, kept, intercept)
+    weight = torch.zeros_like(linear.weight)
+    weight[:, kept.to(weight.device)] = refit.to(weight.dtype).to(weight.device)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                   device=linear.weight.device))
+        linear.bias += bias.to(linear.bias.dtype).to(linear.bias.device)
+
+
+@dataclass
+class Refit:
+    """A layer action before the removal of a whole-model plan: in each layer, every linear that loses input
+    columns (o_proj for heads, down_proj for MLP channels) is refitted by least squares on that layer's
+    inputs. ``intercept`` also fits a bias (it takes the place of FLAP's bias compensation)."""
+
+    intercept: bool = False
+    _targets_of_plan: dict[str, list[int]] | None = field(default=None, init=False, repr=False)
+
+    def parameters_added(self, context) -> int:
+        return bias_parameters_added(context.graph, context.spaces) if self.intercept else 0
+
+    def _targets(self, context) -> dict[str, list[int]]:
+        if self._targets_of_plan is None:
+            self._targets_of_plan = removed_input_columns(context.graph, context.allocation.plan)
+        return self._targets_of_plan
+
+    def _in_layer(self, context, index: int) -> dict[str, list[int]]:
+        return {name: columns for name, columns in self._targets(context).items()
+                if context.rule.layer_index(name) == index}
+
+    def observes(self, context, index):
+        if index is None:
+            return {}
+        return {name: True for name in self._in_layer(context, index)}
+
+    def on_layer(self, context, step) -> None:
+        for name, columns in self._in_layer(context, step.index).items():
+            refit_linear(context.model.get_submodule(name), step.statistics[name], columns, self.intercept)
+            context.record.add("refit", layer=step.index, module=name, method="least squares on kept columns",
+                               intercept=self.intercept)

@@ -1,0 +1,105 @@
+"""Least-squares refit of o_proj / down_proj after heads or MLP channels go (``--refit``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelio import load_model, save_model
+from pruners import PruneSettings, prune_model
+from pruners.refit import least_squares_weight
+from pruners.statistics import InputStatistics
+from tests.conftest import COMMON, settings_for, tiny_model
+
+REFITTING = ("llm_pruner", "flap", "wanda_sp", "mag_sp", "lorap")
+
+
+@pytest.fixture
+def batches() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(3))
+
+
+def _settings(method: str, ratio: float = 0.3, **extra) -> PruneSettings:
+    return settings_for(method, pruning_ratio=ratio, nsamples=8, num_examples=2, sublayer="self_attn,mlp", **extra)
+
+
+def _statistics(x: torch.Tensor) -> InputStatistics:
+    return InputStatistics(x.shape[0], x.sum(0), (x ** 2).sum(0), x.T @ x)
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_the_refit_is_the_least_squares_solution(intercept):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=generator, dtype=torch.float64) @ torch.randn(12, 12, generator=generator,
+                                                                                      dtype=torch.float64) + 0.7
+    weight = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    refit, bias = least_squares_weight(weight, _statistics(x), kept, intercept)
+    design = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=x.dtype)], 1) if intercept else x[:, kept]
+    expected = torch.linalg.lstsq(design, x @ weight.T).solution.T
+    assert torch.allclose(refit, expected[:, : len(kept)], atol=1e-2)  # up to the damping
+    if intercept:
+        assert torch.allclose(bias, expected[:, -1], atol=1e-2)
+    else:
+        assert bias is None
+
+
+def _mlp_error(model, dense, batches) -> float:
+    """How far layer 0's MLP output moved from the dense one, on the dense model's layer-0 MLP inputs of the
+    calibration windows (what the refit was fitted on)."""
+    captured = []
+    hook = dense.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    with torch.no_grad():
+        dense(input_ids=batches)
+        hook.remove()
+        return float((model.model.layers[0].mlp(captured[0]) - dense.model.layers[0].mlp(captured[0])).pow(2).mean())
+
+
+@pytest.mark.parametrize("method", REFITTING)
+def test_refit_brings_the_pruned_outputs_closer_and_is_recorded(method, batches, tmp_path):
+    dense = tiny_model("llama")
+    plain, refitted = tiny_model("llama"), tiny_model("llama")
+    prune_model(plain, None, _settings(method), log=lambda _: None, batches=batches)
+    report = prune_model(refitted, None, _settings(method, refit=True), log=lambda _: None, batches=batches)
+    # the same structures go; only the surviving weights of o_proj / down_proj change
+    assert [tuple(p.shape) for p in plain.parameters()] == [tuple(p.shape) for p in refitted.parameters()]
+    refits = report.record.of("refit")
+    assert refits and {e["module"].rsplit(".", 1)[-1] for e in refits} <= {"o_proj", "down_proj"}
+    if any(e["module"] == "model.layers.0.mlp.down_proj" for e in refits):
+        assert _mlp_error(refitted, dense, batches) < _mlp_error(plain, dense, batches)
+    folder = save_model(refitted, None, tmp_path / "out", record=report.record)
+    assert torch.equal(load_model(folder)(input_ids=batches).logits, refitted(input_ids=batches).logits)
+
+
+@pytest.mark.parametrize("method", REFITTING)
+def test_refit_at_zero_ratio_changes_nothing(method, batches):
+    model = tiny_model("llama")
+    before = model(input_ids=batches).logits
+    report = prune_model(model, None, _settings(method, ratio=0.0, refit=True), log=lambda _: None, batches=batches)
+    assert not report.record.of("refit")
+    assert torch.equal(model(input_ids=batches).logits, before)
+
+
+def test_flap_refit_fits_the_bias_it_compensates(batches):
+    model = tiny_model("llama")
+    report = prune_model(model, None, _settings("flap", refit=True), log=lambda _: None, batches=batches)
+    assert report.achieved_ratio == pytest.approx(0.3, abs=0.02)  # the added biases are counted
+    assert not report.record.of("compensate_bias")
+    assert all(e["intercept"] for e in report.record.of("refit"))
+    assert all(model.get_submodule(e["module"]).bias is not None for e in report.record.of("refit"))
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(prune_method="flatllm", refit=True), "--refit"),
+    (dict(prune_method="flap", mode="channel", refit=True), "--refit"),
+    (dict(prune_method="llm_pruner", propagate="compressed"), "--propagate"),
+])
+def test_refit_flags_are_refused_where_nothing_reads_them(settings, flag):
+    with pytest.raises(ValueError, match=f"{flag} is not read"):
+        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+
+
+def test_taylor_with_refit_reads_the_calibration_count(batches):
+    settings = PruneSettings(prune_method="llm_pruner", pruning_ratio=0.2, refit=True, nsamples=8, num_examples=2,
+                             propagate="compressed")
+    report = prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches)
+    assert report.record.of("refit")
