@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from depgraph import Plan
 from pruners.allocation import allocate
 from pruners.compensation import bias_parameters_added, compensate_bias
-from pruners.factorization import factorize, saves_parameters
+from pruners.factorization import NEEDS_SECOND_MOMENTS, factorize, saves_parameters
 from pruners.refit import refit_linear, removed_input_columns
 
 
@@ -60,7 +60,7 @@ def _projections(context, index: int, sublayer: str) -> tuple[str, dict[str, str
 @dataclass
 class Factorize:
     """Replace the projections of the selected ``sublayer`` by low-rank factors at the allocated ranks
-    (``method``: AWSVD, AFM or SVD, on the layer's own input statistics). With ``real_com=False`` the
+    (``method``: AWSVD, AFM, SVD or SVDLLM, on the layer's own input statistics). With ``real_com=False`` the
     product is written back densely (for fine-tuning first); the record keeps the ranks either way."""
 
     sublayer: str
@@ -71,7 +71,7 @@ class Factorize:
         if index is None or index not in context.selection.get(self.sublayer, []):
             return {}
         prefix, sources = _projections(context, index, self.sublayer)
-        return {f"{prefix}.{source}": self.method == "AFM" for source in set(sources.values())}
+        return {f"{prefix}.{source}": self.method in NEEDS_SECOND_MOMENTS for source in set(sources.values())}
 
     def on_layer(self, context, step) -> None:
         if step.index not in context.selection.get(self.sublayer, []):

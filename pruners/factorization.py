@@ -7,6 +7,10 @@
   real outputs.
 - AFM: PCA of the output features. With C = W E[x x^T] W^T the output covariance and P_r its top
   eigenvectors, W ~ P_r (P_r^T W): the kept subspace is the one the outputs actually occupy.
+- SVDLLM: truncation-aware whitened SVD (SVD-LLM V2). With E[x x^T] = Q L Q^T (float64, damped) and
+  S = Q L^1/2, the SVD of W S = U D V^T truncated to rank r gives W ~ (U_r D_r^1/2)(D_r^1/2 V_r^T S^-1):
+  each dropped singular value d_i costs exactly d_i^2 of E ||W x - W' x||^2, so no factorization of that rank
+  does better on the calibration inputs.
 """
 from __future__ import annotations
 
@@ -16,7 +20,18 @@ from torch import nn
 from modelio.lowrank import LowRankLinear
 from pruners.statistics import InputStatistics
 
-DECOMPOSITIONS = ("AWSVD", "AFM", "SVD")
+DECOMPOSITIONS = ("AWSVD", "AFM", "SVD", "SVDLLM")
+NEEDS_SECOND_MOMENTS = frozenset({"AFM", "SVDLLM"})
+WHITENING_DAMPING = 1e-6  # eigenvalues below this fraction of the largest are raised to it
+
+
+def whitening(stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) with S S^T = E[x x^T] (damped), from its eigendecomposition in float64 (no Cholesky: the
+    moment of a layer's inputs is often singular)."""
+    moment = stats.second_moment.double() / max(stats.count, 1)
+    values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
+    values = values.clamp_min(WHITENING_DAMPING * values.max().clamp_min(1e-30))
+    return vectors * values.sqrt()[None, :], (vectors / values.sqrt()[None, :]).T
 
 
 def max_useful_rank(in_features: int, out_features: int) -> int:
@@ -42,7 +57,12 @@ def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: Input
         root = s[:rank].sqrt()
         return (root[:, None] * vh[:rank]) / scale[None, :], (u[:, :rank] * root[None, :])
     if stats is None or stats.second_moment is None:
-        raise ValueError("AFM needs the second moments of the layer's inputs")
+        raise ValueError(f"{method} needs the second moments of the layer's inputs")
+    if method == "SVDLLM":
+        root, inverse_root = whitening(stats)
+        u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+        half = s[:rank].sqrt()
+        return (half[:, None] * vh[:rank]) @ inverse_root, (u[:, :rank] * half[None, :])
     covariance = w @ (stats.second_moment.double() / max(stats.count, 1)) @ w.T
     _, vectors = torch.linalg.eigh(covariance)
     basis = vectors[:, -rank:].flip(-1) if rank else vectors[:, :0]

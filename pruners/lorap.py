@@ -31,6 +31,7 @@ class SharedFraction:
 
     para_allocate: float = 3.0
     factorized: tuple[str, ...] = ("self_attn",)
+    by_size: bool = False  # True: every matrix keeps the same fraction of its parameters (SVD-LLM's ratio)
 
     def allocate(self, context):
         from pruners.engine import Allocation
@@ -59,7 +60,8 @@ class SharedFraction:
         names = [name for group in groups for name in group]
         linears = [parent.get_submodule(name) for name in names]
         shapes = [(m.in_features, m.out_features) for m in linears]
-        weights = [self.para_allocate if name in favoured else 1.0 for name in names]
+        weights = [(self.para_allocate if name in favoured else 1.0) * (i * o / (i + o) if self.by_size else 1.0)
+                   for name, (i, o) in zip(names, shapes)]
         dense = sum(i * o for i, o in shapes)
         ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
         return {f"{prefix}.{name}": rank for name, rank in zip(names, ranks)}

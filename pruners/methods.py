@@ -53,7 +53,7 @@ class PruneSettings:
     seed: int = 0
     data_dir: str | None = None
     # LoRAP
-    deco_method: str = "AWSVD"  # AWSVD | AFM | SVD
+    deco_method: str = "AWSVD"  # AWSVD | AFM | SVD | SVDLLM (whitened, truncation-aware)
     para_allocate: float = 3.0  # rank of v/o over rank of q/k
     mlp_compress_method: str = "prune"  # prune | decom
     mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp
@@ -203,6 +203,13 @@ METHODS: dict[str, Composition] = {
         lambda s: [RotateValues(), KeepChannelsRefit(s.flatllm_mlp_score)], select=no_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"flatllm_mlp_score", "nsamples", "propagate"}),
+    ),
+    "svd_llm": Composition(
+        "SVD-LLM: truncation-aware whitened SVD of every attention and MLP projection, each keeping the same fraction",
+        lambda s: Uniform(), lambda s: SharedFraction(1.0, ("self_attn", "mlp"), by_size=True),
+        lambda s: [Factorize("self_attn", "SVDLLM", s.real_com), Factorize("mlp", "SVDLLM", s.real_com)],
+        select=no_spaces, modes=("block",), sublayer="self_attn,mlp",
+        reads=frozenset({"real_com", "nsamples", "propagate"}),
     ),
     "layer_wise": Composition(
         "ShortGPT-style layer removal: the decoder layers of lowest block influence go first",

@@ -46,7 +46,8 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
     assert saved.to_dict() == report.record.to_dict() and saved.method == method
     assert saved.actions, f"{method} on {arch} recorded nothing"
     wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
-              "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"}}.get(method, {"remove"})
+              "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"},
+              "svd_llm": {"factorize"}}.get(method, {"remove"})
     assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
     reloaded = load_model(folder)
     for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank

@@ -32,7 +32,7 @@ def collect_input_statistics_plain(inputs):
     return InputStatistics(x.shape[0], x.sum(0), (x * x).sum(0), x.T @ x)
 
 
-@pytest.mark.parametrize("method", ["SVD", "AWSVD", "AFM"])
+@pytest.mark.parametrize("method", ["SVD", "AWSVD", "AFM", "SVDLLM"])
 def test_full_rank_reproduces_the_layer(method):
     linear, inputs, stats = _layer_and_stats()
     down, up = factors(linear.weight, 16, method, stats)
@@ -49,6 +49,26 @@ def test_activation_weighting_beats_plain_svd_on_calibration_inputs():
         errors[method] = (inputs @ (up @ down).float().T - reference).norm().item()
     assert errors["AWSVD"] < errors["SVD"]
     assert errors["AFM"] < errors["SVD"]
+
+
+@pytest.mark.parametrize("rank", [3, 6, 10])
+def test_whitened_svd_is_the_best_factorization_of_its_rank_on_the_calibration_inputs(rank):
+    """SVD-LLM: the calibration error is exactly the sum of the dropped squared singular values of W S, and no
+    other factorization of that rank does better."""
+    linear, inputs, stats = _layer_and_stats()
+    x = inputs.double()
+    x = x @ torch.randn(24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # correlated
+    stats = collect_input_statistics_plain(x)
+    weight = linear.weight.detach().double()
+    errors = {}
+    for method in ("SVD", "AWSVD", "AFM", "SVDLLM"):
+        down, up = factors(weight, rank, method, stats)
+        errors[method] = float(((x @ (weight - up @ down).T) ** 2).sum(1).mean())
+    assert errors["SVDLLM"] <= min(errors.values()) * (1 + 1e-6)
+    moment = x.T @ x / len(x)
+    values, vectors = torch.linalg.eigh(moment)
+    dropped = torch.linalg.svdvals(weight @ vectors @ torch.diag(values.sqrt()))[rank:]
+    assert errors["SVDLLM"] == pytest.approx(float((dropped ** 2).sum()), rel=1e-5)
 
 
 def test_factorize_returns_a_smaller_layer_or_keeps_it():
@@ -146,7 +166,7 @@ def test_flatllm_meets_the_budget_and_saves(tmp_path):
     assert torch.equal(load_model(folder)(input_ids=batches).logits, expected)
 
 
-@pytest.mark.parametrize("method", ["lorap", "flatllm"])
+@pytest.mark.parametrize("method", ["lorap", "flatllm", "svd_llm"])
 def test_every_architecture_compresses_saves_and_reloads(method, arch, tmp_path):
     """Module names come from the architecture rule: fused qkv_proj / gate_up_proj (Phi-3) included."""
     model = tiny_model(arch)
