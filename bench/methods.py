@@ -60,6 +60,15 @@ RUNS: dict[str, dict] = {
     "lorap-AWSVD-compressed": {"prune_method": "lorap", "deco_method": "AWSVD", "propagate": "compressed"},
     "flatllm-dense": {"prune_method": "flatllm", "propagate": "dense"},
     "layer_wise": {"prune_method": "layer_wise"},
+    # least-squares refit of o_proj / down_proj after the removal (--refit), and whitened SVD (SVD-LLM)
+    "lorap-AWSVD-refit": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True},
+    "lorap-SVDLLM-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True},
+    "llm_pruner-param_first-refit": {"prune_method": "llm_pruner", "pruner_type": "taylor", "taylor": "param_first",
+                                     "refit": True, **LAYERS_4_ON},
+    "flap-WIFV-AL-AM-attn+mlp-refit": {"prune_method": "flap", "metrics": "WIFV", "structure": "AL-AM", "refit": True,
+                                       **BOTH},
+    "wanda_sp-refit": {"prune_method": "wanda_sp", "refit": True},
+    "svd_llm": {"prune_method": "svd_llm"},
 }
 RATIOS = (0.2, 0.5)
 
