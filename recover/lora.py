@@ -34,6 +34,9 @@ class LoraSettings:
     save_steps: int = 200
     logging_steps: int = 10
     seed: int = 42
+    # mixed precision: bf16 autocast for forward and backward, weights and adapters kept in fp32 (about twice
+    # as fast on CPUs with AVX512-BF16 or AMX and on recent GPUs; LLM-Pruner trains in fp16 on GPUs)
+    bf16: bool = False
 
     def check(self) -> None:
         for name in ("lora_r", "lora_alpha", "batch_size", "micro_batch_size", "cutoff_len", "eval_steps",
@@ -118,7 +121,7 @@ def train_lora(model: nn.Module, tokenizer, records: list[dict], settings: LoraS
         warmup_steps=0, logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         eval_strategy="steps" if validation is not None else "no", eval_steps=settings.eval_steps,
         save_total_limit=2, seed=settings.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False, bf16=settings.bf16,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     trainer = Trainer(model=peft_model, args=arguments, train_dataset=train, eval_dataset=validation,

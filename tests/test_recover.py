@@ -54,10 +54,12 @@ def _short(**extra) -> LoraSettings:
     return LoraSettings(**{**values, **extra})
 
 
-def test_a_lora_step_changes_only_the_adapters(tokenizer, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_lora_step_changes_only_the_adapters(tokenizer, tmp_path, bf16):
     model, _ = _pruned(tokenizer)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    peft_model, history = train_lora(model, tokenizer, RECORDS, _short(max_steps=1), tmp_path)
+    peft_model, history = train_lora(model, tokenizer, RECORDS, _short(max_steps=1, bf16=bf16), tmp_path)
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters())  # bf16 is autocast only
     changed_adapters = 0
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
