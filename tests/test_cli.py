@@ -295,3 +295,16 @@ def test_missing_calibration_or_evaluation_data_is_refused_before_any_work(tiny_
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "lambada_bookcorpus.txt").write_text("a passage of text.\n\nanother one.\n")
     assert "--data_dir" in _refused(base + ["--eval_datasets", "wikitext2,ptb"], capsys)
+
+
+@pytest.mark.parametrize("method", ["flap", "llm_pruner"])
+def test_refit_from_the_command_line_is_recorded(method, tiny_folder, tmp_path, capsys):
+    out = tmp_path / "refit"
+    extra = ["--num_examples", "2"] if method == "llm_pruner" else []
+    code = hf_prune.main(["--base_model", str(tiny_folder), "--prune_method", method, "--refit", "True",
+                          "--nsamples", "4", "--seq_len", "32", *extra, "--test_before_train", "False",
+                          "--test_after_train", "False", "--save_model", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    refits = [e for e in json.loads((out / "compression_record.json").read_text())["actions"] if e["action"] == "refit"]
+    assert refits and all(e["intercept"] == (method == "flap") for e in refits)
