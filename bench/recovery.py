@@ -119,7 +119,8 @@ def write_table() -> None:
             f"({after['wikitext2'] / reference['wikitext2']:.2f} ×) | {cell(before, 'ptb')} → {cell(after, 'ptb')} | "
             f"{cell(before, 'zeroshot_mean')} → {cell(after, 'zeroshot_mean')} | {row['records']} | "
             f"{row['train_seconds'] / 60:.1f} | {row['peak_rss_mib']} | {row['max_tokens']:,} |")
-    recipes = "; ".join(f"`{name}`: {' '.join(flags(settings))}" for name, settings in RECIPES.items())
+    used = {row["recipe"] for row in rows}
+    recipes = "; ".join(f"`{name}`: {' '.join(flags(settings))}" for name, settings in RECIPES.items() if name in used)
     machines = sorted({f"{r['machine']}, {r['date']}" for r in rows})
     TABLE.write_text(
         f"SmolLM2-135M-Instruct pruned by 20% of all parameters, then LoRA (r 8, alpha 16, every projection) on "
