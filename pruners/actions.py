@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from depgraph import Plan
 from pruners.allocation import allocate
-from pruners.compensation import bias_parameters_added, compensate_bias
+from pruners.compensation import bias_parameters_added, compensate_bias, removed_input_columns
 from pruners.factorization import NEEDS_SECOND_MOMENTS, factorize, saves_parameters
-from pruners.refit import refit_linear, removed_input_columns
+from pruners.refit import refit_removed
 
 
 def record_removals(context, plan: Plan) -> None:
@@ -123,10 +123,7 @@ class PruneChannels:
         scores = {space.name: self.estimator.score_space(context.graph, space, step.statistics)}
         plan = allocate(context.graph, [space], scores, int(due), "UL-UM", self.round_to)
         if self.refit:
-            for name, columns in removed_input_columns(context.graph, plan).items():
-                refit_linear(context.model.get_submodule(name), step.statistics[name], columns)
-                context.record.add("refit", layer=step.index, module=name, method="least squares on kept columns",
-                                   intercept=False)
+            refit_removed(context, step.index, removed_input_columns(context.graph, plan), step.statistics)
         record_removals(context, plan)
         context.ledger.spend(len(plan.remove.get(space.name, [])) * per_channel)
         context.graph.apply(plan)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from depgraph import DependencyGraph, Plan
-from pruners.compensation import bias_parameters_added
+from pruners.compensation import add_to_bias, bias_parameters_added, removed_input_columns
 from pruners.statistics import InputStatistics
 
 DAMPING = 1e-4  # relative to the mean diagonal of C[S, S]
@@ -37,18 +36,6 @@ def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: tor
     return refit, bias
 
 
-def removed_input_columns(graph: DependencyGraph, plan: Plan) -> dict[str, list[int]]:
-    """For every linear whose input columns the plan removes: those columns."""
-    modules = dict(graph.model.named_modules())
-    columns: dict[str, set[int]] = {}
-    for space_name, elements in plan.remove.items():
-        for piece in graph.space(space_name).slices(elements):
-            module_name, _, attr = piece.name.rpartition(".")
-            if attr == "weight" and piece.dim == 1 and isinstance(modules.get(module_name), nn.Linear):
-                columns.setdefault(module_name, set()).update(piece.indices)
-    return {name: sorted(indices) for name, indices in columns.items()}
-
-
 @torch.no_grad()
 def refit_linear(linear: nn.Linear, stats: InputStatistics, removed: list[int], intercept: bool = False) -> None:
     """Refit ``linear`` on the columns it keeps and zero the ``removed`` ones (which the removal then slices
@@ -60,10 +47,17 @@ def refit_linear(linear: nn.Linear, stats: InputStatistics, removed: list[int], 
     weight[:, kept.to(weight.device)] = refit.to(weight.dtype).to(weight.device)
     linear.weight.copy_(weight)
     if bias is not None:
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                   device=linear.weight.device))
-        linear.bias += bias.to(linear.bias.dtype).to(linear.bias.device)
+        add_to_bias(linear, bias)
+
+
+def refit_removed(context, index: int, targets: dict[str, list[int]], statistics: dict[str, InputStatistics],
+                  intercept: bool = False) -> None:
+    """Refit every linear of ``targets`` (name -> removed input columns) on its inputs in layer ``index``,
+    and record it."""
+    for name, columns in targets.items():
+        refit_linear(context.model.get_submodule(name), statistics[name], columns, intercept)
+        context.record.add("refit", layer=index, module=name, method="least squares on kept columns",
+                           intercept=intercept)
 
 
 @dataclass
@@ -93,7 +87,4 @@ class Refit:
         return {name: True for name in self._in_layer(context, index)}
 
     def on_layer(self, context, step) -> None:
-        for name, columns in self._in_layer(context, step.index).items():
-            refit_linear(context.model.get_submodule(name), step.statistics[name], columns, self.intercept)
-            context.record.add("refit", layer=step.index, module=name, method="least squares on kept columns",
-                               intercept=self.intercept)
+        refit_removed(context, step.index, self._in_layer(context, step.index), step.statistics, self.intercept)
