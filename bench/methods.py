@@ -107,12 +107,13 @@ def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> di
     return row
 
 
-def latest_rows(path: Path = RESULTS) -> list[dict]:
-    """The last record of every (run, ratio) in the JSONL results (later runs of a setting replace earlier ones)."""
+def latest_rows(path: Path = RESULTS, key=lambda row: (row["run"], row["ratio"])) -> list[dict]:
+    """The last record of every setting (``key``, by default run and ratio) in the JSONL results (later runs
+    of a setting replace earlier ones)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return list({(row["run"], row["ratio"]): row for row in rows}.values())
+    return list({key(row): row for row in rows}.values())
 
 
 def write_table() -> None:

@@ -21,7 +21,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from methods import RUNS  # bench/methods.py, beside this script
+from methods import RUNS, latest_rows as recorded_rows  # bench/methods.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "recovery.jsonl"
@@ -89,11 +89,12 @@ def run_one(method: str, recipe: str, work: Path, zeroshot_limit: int, max_token
     }
 
 
+def setting(row: dict) -> tuple:
+    return row["method"], row["recipe"], row["max_tokens"], row["zeroshot_limit"]
+
+
 def latest_rows() -> list[dict]:
-    if not RESULTS.exists():
-        return []
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return list({(r["method"], r["recipe"], r["max_tokens"], r["zeroshot_limit"]): r for r in rows}.values())
+    return recorded_rows(RESULTS, key=setting)
 
 
 def dense() -> dict:
@@ -137,7 +138,8 @@ def plot() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in latest_rows() if r["max_tokens"] == max(x["max_tokens"] for x in latest_rows())]
+    rows = latest_rows()
+    rows = [r for r in rows if r["max_tokens"] == max(x["max_tokens"] for x in rows)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for index, row in enumerate(sorted(rows, key=lambda r: (r["method"], r["recipe"]))):
         color = f"C{index}"
@@ -174,8 +176,7 @@ def main() -> int:
         unknown = [m for m in methods if m not in METHODS] + [r for r in recipes if r not in RECIPES]
         if unknown:
             parser.error(f"unknown {unknown}; methods: {', '.join(METHODS)}; recipes: {', '.join(RECIPES)}")
-        done = set() if args.redo else {(r["method"], r["recipe"], r["max_tokens"], r["zeroshot_limit"])
-                                        for r in latest_rows()}
+        done = set() if args.redo else {setting(r) for r in latest_rows()}
         for method in methods:
             for recipe in recipes:
                 if (method, recipe, args.max_tokens, args.zeroshot_limit) in done:
