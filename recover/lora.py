@@ -34,8 +34,8 @@ class LoraSettings:
     save_steps: int = 200
     logging_steps: int = 10
     seed: int = 42
-    # mixed precision: bf16 autocast for forward and backward, weights and adapters kept in fp32 (about twice
-    # as fast on CPUs with AVX512-BF16 or AMX and on recent GPUs; LLM-Pruner trains in fp16 on GPUs)
+    # mixed precision: bf16 autocast for forward and backward, weights and adapters kept in fp32 (faster on
+    # CPUs with AVX512-BF16 or AMX and on recent GPUs; LLM-Pruner trains in fp16 on GPUs)
     bf16: bool = False
 
     def check(self) -> None:
