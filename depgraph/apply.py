@@ -179,11 +179,67 @@ def _record_value_widths(model: nn.Module, spaces: Mapping[str, Space], plan: Pl
             model.get_submodule(space.module).value_head_dim = space.size - len(set(int(e) for e in elements))
 
 
+def refuse_inexact(spaces: Mapping[str, Space], plan: Plan) -> None:
+    """Removals that no pruned model can reproduce exactly, refused before anything is touched.
+
+    A LayerNorm subtracts the mean over its width: with zeros masked in, the mean differs from the mean over
+    the kept channels, and no rescaling fixes that. An RMS over anything but the hidden width (a q/k norm over
+    all heads) would need per-module epsilons that a saved config cannot record.
+    """
+    for name, elements in plan.remove.items():
+        space = spaces.get(name)
+        if space is None or not elements or space.normalized is None:
+            continue
+        if space.normalized == "centred":
+            raise InvalidPlan(f"{name}: a LayerNorm centres over these channels, so removing them would not equal "
+                              f"the masked model; prune heads, MLP channels or layers instead of "
+                              f"{'the hidden width (--channel_wise)' if space.kind == 'hidden' else space.kind}")
+        if space.kind != "hidden":
+            raise InvalidPlan(f"{name}: a normalization runs over these {space.kind} (a norm over the full "
+                              f"projection width), so removing them would change its statistics; prune the MLP "
+                              f"channels or whole layers of this model instead")
+
+
+@torch.no_grad()
+def check_value_forward(model: nn.Module, rule: ArchitectureRule) -> None:
+    """Refuse removing value dimensions where ``value_forward`` (LLaMA's attention with a value width of its own)
+    does not reproduce the family's attention: the logits of a short input must not change when the first
+    attention runs through it."""
+    import types
+
+    from depgraph.value_attention import value_forward
+
+    attention = rule.decoder_layers(model)[0].get_submodule(rule.attention)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(6, device=device)[None] * 7 + 3) % vocab
+    reference = model(input_ids=ids, use_cache=False).logits
+    saved = {name: attention.__dict__[name] for name in ("forward", "value_head_dim") if name in attention.__dict__}
+    attention.value_head_dim = getattr(attention, "value_head_dim", getattr(attention, "head_dim", None))
+    attention.forward = types.MethodType(value_forward, attention)
+    try:
+        got = model(input_ids=ids, use_cache=False).logits
+        matches = torch.allclose(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        matches = False
+    finally:
+        for name in ("forward", "value_head_dim"):
+            attention.__dict__.pop(name, None)
+        attention.__dict__.update(saved)
+    if not matches:
+        raise InvalidPlan(f"value dimensions of {model.config.model_type} cannot be removed: its attention "
+                          f"({type(attention).__name__}) computes what LLaMA's does not (norms, soft-capping, another "
+                          f"rotary); remove whole heads instead (a method other than flatllm)")
+
+
 def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
     """Remove, in place, every slice the plan names and update modules and config to match."""
     if plan.is_empty():
         return
     _refuse_rotary_pairs(spaces, plan)
+    refuse_inexact(spaces, plan)
+    if any(spaces[name].kind == "head_dim" and elements for name, elements in plan.remove.items()):
+        check_value_forward(model, rule)
     positions = _positions(spaces, plan)
     _check_attention(spaces, plan, rule)
     for name, elements in plan.remove.items():

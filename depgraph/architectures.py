@@ -40,6 +40,7 @@ class ArchitectureRule:
     epsilon_config_field: str = "rms_norm_eps"
     # Projections that write into the residual stream: zeroing them makes a layer the identity.
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    head_dim_attribute: str = "head_dim"  # the attention attribute that holds the per-head width
     # Extra per-attention attribute updates, after the counts are refreshed.
     refresh_attention: Callable[[nn.Module, int, int], None] | None = field(default=None, compare=False)
 
@@ -47,7 +48,7 @@ class ArchitectureRule:
         return model.get_submodule(self.layers)
 
     def head_dim(self, attention: nn.Module) -> int:
-        return int(attention.head_dim)
+        return int(getattr(attention, self.head_dim_attribute))
 
     def head_counts(self, attention: nn.Module) -> tuple[int, int]:
         """(query heads, key-value heads) of one attention module, read off its weights."""
@@ -104,41 +105,40 @@ def _set_phi3_counts(attention: nn.Module, queries: int, keys: int) -> None:
     if attention.config.num_attention_heads != queries:
         attention.config = copy.copy(attention.config)
         attention.config.num_attention_heads = queries
-    use_value_head_dim(attention, getattr(attention, "value_head_dim", attention.head_dim))
+    if hasattr(attention, "head_dim"):  # what value_forward reads (GPT-NeoX names it head_size)
+        use_value_head_dim(attention, getattr(attention, "value_head_dim", attention.head_dim))
 
 
-def _set_llama_counts(attention: nn.Module, queries: int, keys: int) -> None:
-    """Head counts, and a value head dimension of its own when value dimensions were removed."""
-    from depgraph.value_attention import use_value_head_dim
+# What neither the trace nor the module tree tells, by model_type: fields set on the derived rule (a dict), or a
+# whole rule of its own. GPT-NeoX calls its head width ``head_size``; everything else about it is read off the
+# modules (depgraph.layout).
+RULES: dict[str, dict | ArchitectureRule] = {
+    "gpt_neox": {"head_dim_attribute": "head_size"},
+}
 
-    _set_kv_groups(attention, queries, keys)
-    value_width = attention.v_proj.out_features // keys if keys else attention.head_dim
-    use_value_head_dim(attention, value_width)
-
-
-RULES: list[ArchitectureRule] = [
-    # LLaMA covers Vicuna, Llama-2 and Llama-3 (same model_type); Mistral and Qwen2 share its layout
-    # (Qwen2 adds q/k/v biases, which the trace couples by itself).
-    ArchitectureRule(model_types=("llama", "mistral", "qwen2"), refresh_attention=_set_llama_counts),
-    ArchitectureRule(model_types=("gemma",), norm_weight_offset=1.0, refresh_attention=_set_llama_counts),
-    # Phi-3: fused qkv_proj and gate_up_proj; the trace splits them by their slices and chunks.
-    ArchitectureRule(model_types=("phi3",), key=None, value=None, fused_qkv="qkv_proj",
-                     attention_inputs=(("qkv_proj",), ("o_proj",)), mlp_inputs=(("gate_up_proj",), ("down_proj",)),
-                     value_path=("o_proj",), refresh_attention=_set_phi3_counts),
-]
+# The decoder families the test suite prunes end to end (tests/test_families.py); the README lists these.
+TESTED_FAMILIES = (
+    "llama", "mistral", "qwen2", "gemma", "phi3", "gemma2", "gemma3_text", "granite", "stablelm", "starcoder2",
+    "cohere", "olmo", "helium", "ministral", "apertus", "arcee", "seed_oss", "internlm3",
+)
 
 
-def rule_for(model_or_type) -> ArchitectureRule:
-    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
-    model_type = model_type.removeprefix("pruned_")
-    for rule in RULES:
-        if model_type in rule.model_types:
-            return rule
-    known = ", ".join(t for r in RULES for t in r.model_types)
-    raise MissingArchitectureRule(
-        f"no architecture rule for model_type '{model_type}' (known: {known}): add an ArchitectureRule "
-        f"in depgraph/architectures.py, as the README's 'Adding an architecture' shows"
-    )
+def rule_for(model: nn.Module) -> ArchitectureRule:
+    """The model's layout, read off its module tree (``depgraph.layout``), with what ``RULES`` says for its
+    ``model_type`` on top."""
+    model_type = model.config.model_type.removeprefix("pruned_")
+    explicit = RULES.get(model_type, {})
+    if isinstance(explicit, ArchitectureRule):
+        return explicit
+    from depgraph.layout import LayoutNotFound, derive_rule
+
+    try:
+        return derive_rule(model, **explicit)
+    except LayoutNotFound as error:
+        raise MissingArchitectureRule(
+            f"the layout of model_type '{model_type}' could not be read: {error}; name what is missing in an "
+            f"entry of RULES in depgraph/architectures.py, as the README's 'Adding an architecture' shows"
+        ) from None
 
 
 def norm_modules(model: nn.Module, rule: ArchitectureRule) -> list[tuple[str, nn.Module]]:

@@ -9,7 +9,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from depgraph.apply import Plan, apply_plan, mask_plan
+from depgraph.apply import InvalidPlan, Plan, apply_plan, mask_plan
 from depgraph.architectures import ArchitectureRule, rule_for
 from depgraph.groups import Space, discover_spaces
 from depgraph.trace import TraceResult, trace_model
@@ -52,10 +52,24 @@ class DependencyGraph:
         return self.rule.layer_index(space.module)
 
     def in_layer(self, index: int, kind: str) -> Space | None:
-        for space in self.of_kind(kind):
-            if self.layer_of(space) == index:
-                return space
-        return None
+        """The space of ``kind`` in layer ``index``: heads and head dims of its attention, channels of its MLP."""
+        return next((space for space in self.of_kind(kind) if self.layer_of(space) == index
+                     and _under(space.module, self.sublayer_prefix(index, kind))), None)
+
+    def sublayer_prefix(self, index: int, kind: str) -> str:
+        part = self.rule.mlp if kind == "channels" else self.rule.attention
+        return f"{self.rule.layers}.{index}.{part}"
+
+    def check_layout(self) -> None:
+        """Every decoder layer shows query heads in its attention and channels in its MLP; a layout the trace
+        cannot split (one norm module per head, as StableLM's qk_layernorm) is named here instead of being
+        pruned by whatever spaces it left."""
+        for index in range(self.num_layers):
+            for kind in ("heads", "channels"):
+                if self.in_layer(index, kind) is None:
+                    raise InvalidPlan(f"the trace found no {kind} in {self.sublayer_prefix(index, kind)} of "
+                                      f"{self.model.config.model_type}: its layout is not one the engine can "
+                                      f"prune (e.g. one norm module per head); file it with the model's config")
 
     @property
     def num_layers(self) -> int:
@@ -118,6 +132,10 @@ class DependencyGraph:
                 members = {key: value for key, value in space.members.items() if key[0].startswith(prefix)}
                 spaces.append(replace(space, members=members))
         return draw_spaces(spaces, f"layer {index} of {type(self.model).__name__}", path)
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
 
 
 def build_graph(model: nn.Module) -> DependencyGraph:

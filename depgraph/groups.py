@@ -40,6 +40,10 @@ class Space:
     members: dict[tuple[str, int], np.ndarray] = field(repr=False)  # (param, dim) -> element at each position
     blocks: np.ndarray | None = field(default=None, repr=False)  # block of each element (kv group of a query head)
     block_space: str | None = None
+    # How a normalization reads it: "rms" (a reduction over it, e.g. RMSNorm), "centred" (a LayerNorm subtracts
+    # the mean over it), or None. Removing elements changes such statistics, which only RMS over the hidden
+    # width can compensate exactly (depgraph.apply).
+    normalized: str | None = None
 
     @property
     def parameters(self) -> list[str]:
@@ -118,6 +122,7 @@ def discover_spaces(trace: TraceResult, shapes: dict[str, tuple[int, ...]]) -> l
 
     roles = _roles(layouts, broadcast, find, nodes.size)
     embedding_hidden = {find(trace.parameter_dims[name][1]) for name in trace.embedding_parameters}
+    normalized = _normalized_classes(trace, coordinates)
     spaces = []
     for cls, touched in members.items():
         if cls in excluded or cls in broadcast or nodes.size[cls] < 1:
@@ -130,6 +135,7 @@ def discover_spaces(trace: TraceResult, shapes: dict[str, tuple[int, ...]]) -> l
         module = os.path.commonprefix([name.rsplit(".", 1)[0] + "." for name, _ in touched]).rstrip(".")
         space = Space(name="", kind=kind, size=nodes.size[cls], module=module, members=touched)
         space._shapes = shapes
+        space.normalized = normalized.get(cls)
         if soft:
             outer = [find(p) for p in layout.parts if find(p) not in broadcast]
             if len(outer) == 1:
@@ -144,6 +150,19 @@ def discover_spaces(trace: TraceResult, shapes: dict[str, tuple[int, ...]]) -> l
         if space.block_space is not None:
             space.block_space = by_class[space.block_space].name if space.block_space in by_class else None
     return sorted(spaces, key=lambda s: _natural_key(s.name))
+
+
+def _normalized_classes(trace: TraceResult, coordinates) -> dict[int, str]:
+    """Classes that address a reduced dimension (directly or as a part of it), "centred" over "rms"."""
+    find = trace.nodes.find
+    found: dict[int, str] = {}
+    centred = {find(n) for n in trace.centred}
+    for root in {find(n) for n in trace.reduced}:
+        kind = "centred" if root in centred else "rms"
+        for cls, _ in coordinates(root):
+            if found.get(cls) != "centred":
+                found[cls] = kind
+    return found
 
 
 def _merge(found: dict[int, np.ndarray], cls: int, array: np.ndarray) -> None:
@@ -169,13 +188,23 @@ def _roles(layouts, broadcast: set[int], find, sizes) -> dict[int, str]:
                     inner_parts.add(part)
                 if part not in roles:
                     roles[part] = "heads" if position == 0 and len(real) > 1 else "head_dim"
-    for root, layout in layouts.items():
-        if isinstance(layout, PartitionLayout):
-            # Ranges of a head's dimension (rotary halves) pair up; ranges of a plain width (Phi-3's
-            # gate_up chunks) are channels.
-            role = "head_dim_pairs" if find(root) in inner_parts else "channels"
-            for _, _, part in layout.ranges:
-                roles.setdefault(find(part), role)
+    # Ranges of a head's dimension (rotary halves, and the rotary and pass-through parts of a partial rotary,
+    # whose rotary part is cut in halves again) pair up; ranges of a plain width (Phi-3's gate_up chunks) are
+    # channels. Nested partitions inherit, so the outer ones are settled first.
+    partitions = {find(root): layout for root, layout in layouts.items() if isinstance(layout, PartitionLayout)}
+    paired = {root for root in partitions if root in inner_parts}
+    changed = True
+    while changed:
+        changed = False
+        for root in paired.copy():
+            for _, _, part in partitions[root].ranges:
+                if find(part) in partitions and find(part) not in paired:
+                    paired.add(find(part))
+                    changed = True
+    for root, layout in partitions.items():
+        role = "head_dim_pairs" if root in paired else "channels"
+        for _, _, part in layout.ranges:
+            roles.setdefault(find(part), role)
     return roles
 
 

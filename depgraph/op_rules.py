@@ -24,6 +24,9 @@ ELEMENTWISE_OPS = {
     "clone", "where", "masked_fill", "alias", "detach", "contiguous", "copy", "copy_", "add_", "mul_", "div_",
     "sub_", "maximum", "minimum", "native_dropout", "lift_fresh", "gelu_tanh", "softplus", "sin", "cos",
     "fill", "fill_", "masked_fill_", "_softmax_backward_data", "rsub", "square", "sign", "hardtanh", "_unsafe_view_copy",
+    "expm1", "log1p", "elu", "leaky_relu", "relu6", "hardswish", "hardsigmoid", "mish", "logit", "floor", "ceil",
+    "round", "trunc", "remainder", "fmod", "atan", "sinh", "cosh", "asinh", "exp2", "log2", "lerp", "addcmul",
+    "addcdiv", "threshold", "celu", "selu", "silu_", "gelu_", "relu_", "tanh_", "sigmoid_", "pow_", "clamp_",
 }
 REDUCTION_OPS = {"mean", "sum", "amax", "amin", "var", "std", "norm", "linalg_vector_norm", "logsumexp"}
 DEAD_OUTPUT_OPS = {  # outputs carry no channel content (comparisons, shapes, indices)
@@ -73,6 +76,7 @@ def elementwise(tracer: "Tracer", args, kwargs, outputs) -> None:
 
 
 def reduction(tracer: "Tracer", args, kwargs, outputs) -> None:
+    """Reduced dims leave the output; a keepdim mean is remembered, so that subtracting it marks centring."""
     source = args[0]
     dims_arg = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim")
     keepdim = kwargs.get("keepdim", next((a for a in args[2:] if isinstance(a, bool)), False))
@@ -95,6 +99,49 @@ def reduction(tracer: "Tracer", args, kwargs, outputs) -> None:
             tracer.assign(out, nodes)
         else:
             tracer.fresh(out)
+        if tracer.current_op == "mean" and keepdim:
+            tracer.means[id(out)] = (id(source), [source_nodes[d] for d in sorted(reduced)])
+
+
+@rule("sub", "sub_")
+def subtract(tracer: "Tracer", args, kwargs, outputs) -> None:
+    """Elementwise; ``x - x.mean(d, keepdim=True)`` also marks d as centred (a LayerNorm written by hand)."""
+    elementwise(tracer, args, kwargs, outputs)
+    tensors = _tensors(args)
+    if len(tensors) == 2:
+        mean = tracer.means.get(id(tensors[1]))
+        if mean is not None and mean[0] == id(tensors[0]):
+            tracer.centred.update(mean[1])
+
+
+@rule("native_layer_norm")
+def layer_norm(tracer: "Tracer", args, kwargs, outputs) -> None:
+    """``(x - mean) / std * weight + bias`` over the trailing ``normalized_shape`` dims of x: those dims are
+    reduced and centred; weight and bias (either may be None) share them; mean and rstd carry no channels."""
+    source, shape = args[0], args[1]
+    nodes = list(tracer.dims(source))
+    normalized = nodes[source.dim() - len(shape):]
+    for affine in args[2:4]:
+        if isinstance(affine, torch.Tensor):
+            for a, b in zip(tracer.dims(affine), normalized):
+                tracer.nodes.union(a, b)
+    tracer.reduced.update(normalized)
+    tracer.centred.update(normalized)
+    tracer.assign(outputs[0], [tracer.nodes.find(n) for n in nodes])
+    for statistic in outputs[1:]:
+        tracer.fresh(statistic)
+
+
+@rule("stack")
+def stack(tracer: "Tracer", args, kwargs, outputs) -> None:
+    """Inputs of one shape side by side along a new dim (interleaved rotary): other dims correspond."""
+    tensors = list(args[0])
+    out = outputs[0]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+    nodes = [tracer.nodes.new(s) for s in tensors[0].shape]
+    for tensor in tensors:
+        nodes = [tracer.nodes.find(tracer.nodes.union(a, b)) for a, b in zip(nodes, tracer.dims(tensor))]
+    tracer.assign(out, nodes[:dim] + [tracer.nodes.new(out.shape[dim])] + nodes[dim:])
 
 
 @rule("t", "transpose", "permute", "numpy_T")

@@ -30,6 +30,7 @@ class TraceResult:
     positional: set[int]  # nodes of the token ids' batch and sequence dims
     output: set[int]  # nodes of the logits
     reduced: set[int]
+    centred: set[int]
     embedding_parameters: set[str]
     op_graph: nx.DiGraph = field(repr=False)
 
@@ -44,7 +45,9 @@ class Tracer(TorchDispatchMode):
         self.tensor_dims: dict[int, list[int]] = {}
         self.live: set[int] = set()
         self.keep_alive: list[torch.Tensor] = []
-        self.reduced: set[int] = set()
+        self.reduced: set[int] = set()  # dims a reduction (a norm's mean, a sum) runs over
+        self.centred: set[int] = set()  # dims a norm subtracts the mean over (LayerNorm)
+        self.means: dict[int, tuple[int, list[int]]] = {}  # keepdim mean -> (its source, the dims it averaged)
         self.embedding_weights: set[int] = set()
         self.current_op = ""
         self.op_graph = nx.DiGraph()
@@ -158,6 +161,7 @@ def trace_model(model: torch.nn.Module, batch: int = 2, seq_len: int = 5) -> Tra
         positional=set(tracer.tensor_dims[id(input_ids)]),
         output={tracer.tensor_dims[id(logits)][-1]} if id(logits) in tracer.tensor_dims else set(),
         reduced=tracer.reduced,
+        centred=tracer.centred,
         embedding_parameters={names[i] for i in tracer.embedding_weights},
         op_graph=tracer.op_graph,
     )

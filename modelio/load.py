@@ -6,6 +6,7 @@ once into a safetensors folder in the user cache), a local folder, or a Hugging 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -113,8 +114,25 @@ def _hub_error(name: str, error: Exception) -> ModelNotFoundError:
     )
 
 
+def register_saved_type(folder: str | os.PathLike) -> None:
+    """Register ``pruned_<base>`` with the Auto classes when a local folder holds one (any base type)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return  # transformers reports the broken config itself
+    if isinstance(model_type, str) and model_type.startswith("pruned_"):
+        from modelio.pruned import pruned_classes
+
+        pruned_classes(model_type.removeprefix("pruned_"))
+
+
 def load_config(name_or_path: str | os.PathLike):
-    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    source = resolve_model_path(name_or_path)
+    register_saved_type(source)
+    return AutoConfig.from_pretrained(source)
 
 
 def load_model(
@@ -133,6 +151,7 @@ def load_model(
     folder = Path(source)
     if folder.is_dir():
         _check_weights(folder)
+        register_saved_type(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:

@@ -27,7 +27,8 @@ class {config_class}({base_config}):
     model_type = "pruned_{base_type}"
 
     def __init__(self, pruned_linear_shapes=None, pruned_module_attributes=None, layer_shapes=None,
-                 pruned_lowrank=None, **kwargs):
+                 pruned_lowrank=None, pruned_init_counts=None, **kwargs):
+        self.pruned_init_counts = pruned_init_counts or {{}}
         self.pruned_linear_shapes = pruned_linear_shapes or {{}}
         self.pruned_lowrank = pruned_lowrank or {{}}
         self.pruned_module_attributes = pruned_module_attributes or {{}}
@@ -54,6 +55,7 @@ class {config_class}({base_config}):
 MODELING_TEMPLATE = '''"""Model class of a structurally pruned {base_type} model (written by structprune)."""
 import copy
 
+import torch
 from torch import nn
 from transformers import {base_model}
 
@@ -86,6 +88,11 @@ def resize_pruned_modules(model, config):
         for attribute, value in attributes.items():
             if attribute == "value_head_dim":
                 use_value_head_dim(module, value)
+            elif attribute == "parameter_shapes":  # e.g. a per-head norm weight after heads went
+                for parameter, shape in value.items():
+                    old = getattr(module, parameter)
+                    setattr(module, parameter, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                                            requires_grad=old.requires_grad))
             elif attribute == "embed_scale_value":  # Gemma: the embedding scale of the unpruned width
                 module.scalar_embed_scale = value
                 module.embed_scale.fill_(value)
@@ -101,13 +108,21 @@ class {model_class}({base_model}):
     config_class = {config_class}
 
     def __init__(self, config):
-        super().__init__(config)
+        # Built at the counts that give the original head_dim (modelio.save.init_counts), then resized.
+        actual = {{key: getattr(config, key) for key in getattr(config, "pruned_init_counts", {{}})}}
+        for key, value in getattr(config, "pruned_init_counts", {{}}).items():
+            setattr(config, key, value)
+        try:
+            super().__init__(config)
+        finally:
+            for key, value in actual.items():
+                setattr(config, key, value)
         resize_pruned_modules(self, config)
 '''
 
 
 def _names(base_type: str) -> dict[str, str]:
-    base_config = type(CONFIG_MAPPING[base_type]()).__name__
+    base_config = CONFIG_MAPPING[base_type].__name__
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]
     stem = base_model.removesuffix("ForCausalLM")
     return {
@@ -147,10 +162,10 @@ def pruned_classes(base_type: str) -> tuple[type, type]:
 
 
 def register_all() -> None:
-    """Register ``pruned_<type>`` for every architecture the pruning engine has rules for."""
-    from depgraph.architectures import RULES
+    """Register ``pruned_<type>`` for the families the tests prune (others register when a folder of theirs is
+    loaded, ``modelio.load.register_saved_type``, or saved)."""
+    from depgraph.architectures import TESTED_FAMILIES
 
-    for rule in RULES:
-        for model_type in rule.model_types:
-            if model_type in CONFIG_MAPPING and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-                pruned_classes(model_type)
+    for model_type in TESTED_FAMILIES:
+        if model_type in CONFIG_MAPPING and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            pruned_classes(model_type)

@@ -31,15 +31,48 @@ except ImportError:  # an older huggingface_hub: configs raise ValueError themse
 _VALIDATION_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 
-def _reference_shapes(config) -> dict[str, tuple[int, int, bool]]:
-    """Linear shapes that the (plain) config would build, on the meta device."""
+def _reference_shapes(config) -> tuple[dict[str, tuple[int, int, bool]], dict[str, tuple[int, ...]], nn.Module]:
+    """Linear shapes and every parameter's shape that the (plain) config would build, and that model, on the
+    meta device."""
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config)
-    return {name: (m.out_features, m.in_features, m.bias is not None)
-            for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: (m.out_features, m.in_features, m.bias is not None)
+               for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    return linears, {name: tuple(p.shape) for name, p in reference.named_parameters()}, reference
 
 
-_PRUNED_KEYS = ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes", "pruned_lowrank", "auto_map")
+_EPSILON_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
+
+
+def _norm_epsilons(model: nn.Module, reference: nn.Module) -> dict:
+    """{module: {eps attribute: value}} where the model's differs from a fresh build's: a q/k norm that reads the
+    config's epsilon, which the hidden-width compensation scaled for the norms over the hidden width only."""
+    built = dict(reference.named_modules())
+    recorded: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        fresh = built.get(name)
+        for attribute in _EPSILON_ATTRIBUTES:
+            value = getattr(module, attribute, None)
+            if isinstance(value, float) and isinstance(getattr(fresh, attribute, None), float) \
+                    and getattr(fresh, attribute) != value:
+                recorded.setdefault(name, {})[attribute] = value
+    return recorded
+
+
+def _other_parameter_shapes(model: nn.Module, expected: dict[str, tuple[int, ...]], skip: tuple[str, ...]) -> dict:
+    """{module: {"parameter_shapes": {name: shape}}} for parameters outside linears whose shape differs from
+    the plain config's (Cohere's per-head q/k norm weights after heads go)."""
+    recorded: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if name.startswith(skip) or expected.get(name, tuple(param.shape)) == tuple(param.shape):
+            continue
+        module, _, attribute = name.rpartition(".")
+        recorded.setdefault(module, {}).setdefault("parameter_shapes", {})[attribute] = list(param.shape)
+    return recorded
+
+
+_PRUNED_KEYS = ("layer_shapes", "pruned_linear_shapes", "pruned_module_attributes", "pruned_lowrank", "auto_map",
+                "pruned_init_counts")
 
 
 def _plain_config_is_valid(config) -> bool:
@@ -55,13 +88,42 @@ def _plain_config_is_valid(config) -> bool:
     return True
 
 
-def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict]:
-    """(linear shapes, module attributes, low-rank layers) that differ from what the plain config builds."""
+def _head_dim_of(model: nn.Module) -> int | None:
+    from depgraph import rule_for
+
+    rule = rule_for(model)
+    return rule.head_dim(rule.decoder_layers(model)[0].get_submodule(rule.attention))
+
+
+def init_counts(model: PreTrainedModel, config_class, fields: dict) -> dict:
+    """Head counts to build the model at before resizing it, where the plain ones would change head_dim.
+
+    StableLM derives head_dim (and its rotary width) from hidden_size // num_attention_heads: built at the
+    pruned counts, it would get a wider head. Built at hidden_size // head_dim heads, it gets the original."""
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config_class(**fields))
+    head_dim = _head_dim_of(model)
+    if _head_dim_of(reference) == head_dim:
+        return {}
+    heads = fields["hidden_size"] // head_dim
+    counts = {"num_attention_heads": heads, "num_key_value_heads": heads}
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(config_class(**{**fields, **counts}))
+    if _head_dim_of(rebuilt) != head_dim:
+        raise UnsafeSaveError(f"a {config_class.model_type} config cannot express head_dim {head_dim}: the saved "
+                              f"model would not load back")
+    return counts
+
+
+def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict, dict]:
+    """(linear shapes, module attributes, low-rank layers, build-time head counts) that differ from what the
+    plain config builds."""
     config = model.config
     base_type = config.model_type.removeprefix("pruned_")
     config_class, _ = pruned_classes(base_type)
     fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
-    expected = _reference_shapes(config_class(**fields))
+    counts = init_counts(model, config_class, fields)
+    expected, parameter_shapes, reference = _reference_shapes(config_class(**{**fields, **counts}))
     lowrank = {name: [m.out_features, m.in_features, m.rank, m.up.bias is not None]
                for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     inside_lowrank = tuple(f"{name}." for name in lowrank)
@@ -71,12 +133,17 @@ def heterogeneous_description(model: PreTrainedModel) -> tuple[dict, dict, dict]
             actual = (module.out_features, module.in_features, module.bias is not None)
             if expected.get(name) != actual:
                 shapes[name] = list(actual)
-    attributes = _scaled_embedding_attributes(model, config)
-    if shapes or lowrank or attributes:
+    linears = tuple(f"{name}." for name in shapes) + inside_lowrank
+    attributes: dict[str, dict] = {}
+    for found in (_scaled_embedding_attributes(model, config), _other_parameter_shapes(model, parameter_shapes, linears),
+                  _norm_epsilons(model, reference)):
+        for name, values in found.items():
+            attributes.setdefault(name, {}).update(values)
+    if shapes or lowrank or attributes or counts:
         for name, module in model.named_modules():
             if hasattr(module, "num_key_value_groups"):
-                attributes[name] = _attention_attributes(module, config)
-    return shapes, attributes, lowrank
+                attributes[name] = {**attributes.get(name, {}), **_attention_attributes(module, config)}
+    return shapes, attributes, lowrank, counts
 
 
 def _scaled_embedding_attributes(model: nn.Module, config) -> dict:
@@ -95,7 +162,7 @@ def _attention_attributes(module: nn.Module, config) -> dict:
     recorded = {"num_key_value_groups": int(module.num_key_value_groups)}
     if getattr(module, "value_head_dim", None) not in (None, getattr(module, "head_dim", None)):
         recorded["value_head_dim"] = int(module.value_head_dim)
-    for attribute in ("num_key_value_heads", "num_heads"):
+    for attribute in ("num_key_value_heads", "num_heads", "head_dim"):  # StableLM derives head_dim from the counts
         if isinstance(getattr(module, attribute, None), int):
             recorded[attribute] = int(getattr(module, attribute))
     own = getattr(module, "config", None)
@@ -211,12 +278,13 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     return target
 
 
-def _pruned_config(config, shapes: dict, attributes: dict, lowrank: dict):
+def _pruned_config(config, shapes: dict, attributes: dict, lowrank: dict, counts: dict):
     """A ``pruned_<base>`` config recording every resized module, with its auto_map."""
     base_type = config.model_type.removeprefix("pruned_")
     config_class, _ = pruned_classes(base_type)
     fields = {k: v for k, v in config.to_dict().items() if k not in _PRUNED_KEYS and k != "model_type"}
     fields.update(pruned_linear_shapes=shapes, pruned_module_attributes=attributes, pruned_lowrank=lowrank,
+                  pruned_init_counts=counts,
                   layer_shapes=getattr(config, "layer_shapes", None))
     saved_config = config_class(**fields)
     saved_config.auto_map = {
@@ -237,12 +305,12 @@ def _write_sources(staging: Path, base_type: str) -> None:
 
 def _write_folder(model: PreTrainedModel, tokenizer, staging: Path) -> None:
     """Weights, config (plain, or pruned with its code) and tokenizer into ``staging``."""
-    shapes, attributes, lowrank = heterogeneous_description(model)
+    shapes, attributes, lowrank, counts = heterogeneous_description(model)
     config = model.config
     architecture = None
-    if shapes or lowrank or attributes or not _plain_config_is_valid(config):
+    if shapes or lowrank or attributes or counts or not _plain_config_is_valid(config):
         base_type = config.model_type.removeprefix("pruned_")
-        saved_config = _pruned_config(config, shapes, attributes, lowrank)
+        saved_config = _pruned_config(config, shapes, attributes, lowrank, counts)
         architecture = pruned_classes(base_type)[1].__name__
         _write_sources(staging, base_type)
     else:

@@ -9,7 +9,8 @@ import math
 
 from torch import nn
 
-from depgraph import DependencyGraph, rule_for
+from depgraph import DependencyGraph, Plan, rule_for
+from depgraph.apply import check_value_forward, refuse_inexact
 from pruners.allocation import FixedHeads
 from pruners.methods import (Composition, PruneSettings, composition_of,
                              count_parameters, resolved, select_spaces, selected_sublayers, sublayer_selection)
@@ -70,6 +71,17 @@ def check_remove_heads_applies(settings: PruneSettings) -> None:
         raise ValueError("--remove_heads needs attention selected: add --sublayer self_attn,mlp")
 
 
+def check_structures(model: nn.Module, settings: PruneSettings, graph: DependencyGraph,
+                     composition: Composition) -> None:
+    """What this model cannot have removed exactly (depgraph.apply.refuse_inexact), refused for the spaces the
+    method selects; and FLAT-LLM's value dimensions where LLaMA's attention does not stand in for the model's."""
+    graph.check_layout()
+    for space in select_spaces(graph, settings, composition):
+        refuse_inexact(graph.by_name, Plan(remove={space.name: [0]}))
+    if any(getattr(action, "removes_value_dims", False) for action in composition.actions(resolved(settings, composition))):
+        check_value_forward(model, graph.rule)
+
+
 def check_budget(model: nn.Module, settings: PruneSettings, composition: Composition | None = None) -> None:
     """Refuse a --pruning_ratio the chosen structures cannot reach, naming the largest one they can."""
     before = count_parameters(model)
@@ -78,6 +90,7 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
         return
     composition = composition or composition_of(settings)
     graph = DependencyGraph.build(model)
+    check_structures(model, settings, graph, composition)
     removable = max_removable(model, settings, graph, composition)
     if budget > removable:
         allowed = _floor(removable / before)

@@ -132,6 +132,8 @@ class RotateValues:
     """FLAT-LLM's attention step: rotate every key-value head's values into their PCA basis (exact), then
     remove the weakest value dimensions, keeping the layer's allocated ratio of them."""
 
+    removes_value_dims = True  # pruners.checks refuses it where LLaMA's attention cannot stand in
+
     @staticmethod
     def _values(context, index: int) -> tuple[str, nn.Module, int]:
         """Full name of the projection that computes the values, the module, and its first value row."""

@@ -79,8 +79,10 @@ def prunable_spaces(graph: DependencyGraph, settings: PruneSettings, selection: 
     head_kind = {"query_heads": "heads", "kv_heads": "kv_heads"}.get(settings.gqa_policy)
     if head_kind is None:
         raise ValueError(f"unknown --gqa_policy {settings.gqa_policy}: choose query_heads or kv_heads")
-    kinds = {head_kind: set(selection["self_attn"]), "channels": set(selection["mlp"])}
-    return [space for space in graph.spaces if graph.layer_of(space) in kinds.get(space.kind, ())]
+    kinds = {head_kind: selection["self_attn"], "channels": selection["mlp"]}
+    order = {id(space): position for position, space in enumerate(graph.spaces)}
+    found = (graph.in_layer(index, kind) for kind, layers in kinds.items() for index in layers)
+    return sorted((space for space in found if space is not None), key=lambda space: order[id(space)])
 
 
 def mlp_channel_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[str, list[int]]) -> list[Space]:

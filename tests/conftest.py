@@ -32,10 +32,47 @@ TINY_CONFIGS = {
 }
 
 
+# Every decoder family the suite prunes (depgraph.architectures.TESTED_FAMILIES), as the tiny config of its
+# model_type with the features that make it differ from LLaMA switched on.
+FAMILY_FEATURES = {
+    "llama": {}, "mistral": {"sliding_window": 4}, "qwen2": {}, "gemma": {"hidden_activation": "gelu_pytorch_tanh"},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma2": {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "sliding_window": 4},
+    "gemma3_text": {"sliding_window": 4, "final_logit_softcapping": 3.0},
+    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+                "logits_scaling": 2.0},
+    "stablelm": {"use_parallel_residual": True, "partial_rotary_factor": 0.5},
+    "starcoder2": {"use_bias": True},
+    "cohere": {"use_qk_norm": True, "logit_scale": 0.5},
+    "olmo": {"clip_qkv": 0.3},
+    "helium": {}, "ministral": {}, "apertus": {}, "arcee": {}, "seed_oss": {}, "internlm3": {},
+}
+# Families in no rule and in no list above: laid out like them, they must prune the same way.
+UNLISTED_FAMILIES = {"qwen3": {}, "exaone4": {}, "hunyuan_v1_dense": {}, "ernie4_5": {}}
+
+
+def family_config(family: str, **extra):
+    from transformers import AutoConfig
+
+    features = {**FAMILY_FEATURES, **UNLISTED_FAMILIES}.get(family, {})
+    return AutoConfig.for_model(family, **{**COMMON, "tie_word_embeddings": False, **features, **extra})
+
+
+def family_model(family: str, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny random model of ``family`` (see ``tiny_model`` for why the weights are large)."""
+    config = family_config(family, **extra)
+    torch.manual_seed(seed)
+    return _randomized(AutoModelForCausalLM.from_config(config))
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny model whose weights are large enough that pruning errors show in the logits."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    return _randomized(AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()))
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    model = model.eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:

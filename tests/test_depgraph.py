@@ -125,7 +125,7 @@ def test_unknown_architecture_names_the_missing_rule():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(MissingArchitectureRule, match="no architecture rule for model_type 'gpt2'"):
+    with pytest.raises(MissingArchitectureRule, match="layout of model_type 'gpt2' could not be read: gpt2: no attention in transformer.h.0"):
         DependencyGraph.build(model)
 
 
