@@ -21,6 +21,7 @@ from pruners import METHODS, prune_model
 from pruners.checks import preflight
 from tests.conftest import COMMON, FAMILY_FEATURES, UNLISTED_FAMILIES, family_model, settings_for
 from tests.test_depgraph import _plan, assert_close, logits, pruned_and_masked
+from tests.test_generation import GREEDY
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = sorted(FAMILY_FEATURES) + sorted(UNLISTED_FAMILIES)
@@ -149,26 +150,8 @@ def saved_families(tmp_path_factory) -> tuple[Path, dict]:
     return root, expected
 
 
-SCRIPT = """
-import json, sys
-from pathlib import Path
-import torch
-from transformers import DynamicCache
-from modelio import load_model
-
+SCRIPT = GREEDY + """
 prompt = torch.tensor([[5, 17, 3, 44, 9, 60, 2]])
-
-
-@torch.no_grad()
-def greedy(model, cache):
-    ids, past, step = prompt, DynamicCache() if cache else None, prompt
-    for _ in range(4):
-        out = model(input_ids=step if cache else ids, cache=past, use_cache=cache)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids, step = torch.cat([ids, token], dim=1), token
-    return ids.tolist()
-
-
 report = {}
 for folder in sorted(Path(sys.argv[1]).iterdir()):
     model = load_model(folder)

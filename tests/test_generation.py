@@ -34,14 +34,14 @@ def saved_models(tmp_path_factory) -> Path:
     return root
 
 
-SCRIPT = """
+# The start of every fresh-process generation script (tests/test_families.py reuses it with its own prompt).
+GREEDY = """
 import json, sys
 from pathlib import Path
 import torch
 from transformers import DynamicCache
 from modelio import load_model
 
-prompt = torch.tensor([[5, 17, 3, 44, 9, 60, 2], [8, 8, 31, 12, 70, 1, 19]])
 NEW = 4
 
 
@@ -53,8 +53,10 @@ def greedy(model, cache):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         ids, step = torch.cat([ids, token], dim=1), token
     return ids.tolist()
+"""
 
-
+SCRIPT = GREEDY + """
+prompt = torch.tensor([[5, 17, 3, 44, 9, 60, 2], [8, 8, 31, 12, 70, 1, 19]])
 report = {}
 for folder in sorted(Path(sys.argv[1]).iterdir()):
     model = load_model(folder)
