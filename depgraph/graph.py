@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 import networkx as nx
-import torch
 from torch import nn
 
 from depgraph.apply import InvalidPlan, Plan, apply_plan, mask_plan
