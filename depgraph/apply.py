@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -200,15 +201,20 @@ def refuse_inexact(spaces: Mapping[str, Space], plan: Plan) -> None:
                               f"channels or whole layers of this model instead")
 
 
+_VALUE_FORWARD_PASSED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 @torch.no_grad()
 def check_value_forward(model: nn.Module, rule: ArchitectureRule) -> None:
     """Refuse removing value dimensions where ``value_forward`` (LLaMA's attention with a value width of its own)
     does not reproduce the family's attention: the logits of a short input must not change when the first
-    attention runs through it."""
+    attention runs through it. A model that passed once is not run again (FLAT-LLM applies a plan per layer)."""
     import types
 
     from depgraph.value_attention import value_forward
 
+    if model in _VALUE_FORWARD_PASSED:
+        return
     attention = rule.decoder_layers(model)[0].get_submodule(rule.attention)
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
@@ -230,6 +236,7 @@ def check_value_forward(model: nn.Module, rule: ArchitectureRule) -> None:
         raise InvalidPlan(f"value dimensions of {model.config.model_type} cannot be removed: its attention "
                           f"({type(attention).__name__}) computes what LLaMA's does not (norms, soft-capping, another "
                           f"rotary); remove whole heads instead (a method other than flatllm)")
+    _VALUE_FORWARD_PASSED.add(model)
 
 
 def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:

@@ -19,6 +19,10 @@ class MissingArchitectureRule(KeyError):
         return str(self.args[0])
 
 
+# Where norm modules keep their epsilon (the names the families of transformers use).
+NORM_EPSILON_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
+
+
 @dataclass(frozen=True)
 class ArchitectureRule:
     model_types: tuple[str, ...]
@@ -35,7 +39,7 @@ class ArchitectureRule:
     attention_inputs: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
     mlp_inputs: tuple[tuple[str, ...], ...] = (("gate_proj", "up_proj"), ("down_proj",))
     value_path: tuple[str, ...] = ("v_proj", "o_proj")  # what carries values (LoRAP gives it more rank)
-    norm_epsilon_attributes: tuple[str, ...] = ("variance_epsilon", "eps")
+    norm_epsilon_attributes: tuple[str, ...] = NORM_EPSILON_ATTRIBUTES
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     epsilon_config_field: str = "rms_norm_eps"
     # Projections that write into the residual stream: zeroing them makes a layer the identity.

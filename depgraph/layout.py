@@ -15,6 +15,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from depgraph.architectures import NORM_EPSILON_ATTRIBUTES, ArchitectureRule, _set_kv_groups, _set_phi3_counts
+
 # Names of the projections, by role, as the decoder families of transformers spell them.
 ATTENTION_ROLES = {
     "fused": r"(qkv|wqkv|qkv_proj|query_key_value|c_attn|Wqkv)",
@@ -30,7 +32,6 @@ MLP_ROLES = {
     "down": r"(down_proj|down|w2|c_proj|fc2|fc_out|wo)",
 }
 EPSILON_CONFIG_FIELDS = ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "norm_eps", "layer_norm_epsilon")
-NORM_EPSILON_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
 
 
 class LayoutNotFound(KeyError):
@@ -141,7 +142,6 @@ def norm_weight_offset(norm: nn.Module) -> float:
 
 def _set_counts(attention: nn.Module, queries: int, keys: int, value: str | None = None) -> None:
     """Head counts (and, unfused, a value head dimension of its own when value dimensions were removed)."""
-    from depgraph.architectures import _set_kv_groups
     from depgraph.value_attention import use_value_head_dim
 
     _set_kv_groups(attention, queries, keys)
@@ -155,8 +155,6 @@ def derive_rule(model: nn.Module, **given):
 
     ``given``: fields known beforehand (an entry of ``RULES``); they win over what is read, and ``layers``,
     ``attention`` and ``mlp`` also steer where the rest is looked for."""
-    from depgraph.architectures import ArchitectureRule, _set_phi3_counts
-
     config = model.config
     model_type = config.model_type.removeprefix("pruned_")
     hidden = int(model.get_input_embeddings().weight.shape[1])
@@ -180,7 +178,6 @@ def derive_rule(model: nn.Module, **given):
         residual_writers=(f"{attention}.{output}", f"{mlp}.{down}"),
         norm_weight_offset=norm_weight_offset(model.get_submodule(final_norm)),
         epsilon_config_field=next((f for f in EPSILON_CONFIG_FIELDS if hasattr(config, f)), "rms_norm_eps"),
-        norm_epsilon_attributes=NORM_EPSILON_ATTRIBUTES,
     )
     if "fused" in roles and not {"query", "key", "value"} <= roles.keys():
         fused = roles["fused"]

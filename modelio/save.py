@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from depgraph.architectures import NORM_EPSILON_ATTRIBUTES
 import depgraph.value_attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
@@ -41,9 +42,6 @@ def _reference_shapes(config) -> tuple[dict[str, tuple[int, int, bool]], dict[st
     return linears, {name: tuple(p.shape) for name, p in reference.named_parameters()}, reference
 
 
-_EPSILON_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
-
-
 def _norm_epsilons(model: nn.Module, reference: nn.Module) -> dict:
     """{module: {eps attribute: value}} where the model's differs from a fresh build's: a q/k norm that reads the
     config's epsilon, which the hidden-width compensation scaled for the norms over the hidden width only."""
@@ -51,7 +49,7 @@ def _norm_epsilons(model: nn.Module, reference: nn.Module) -> dict:
     recorded: dict[str, dict] = {}
     for name, module in model.named_modules():
         fresh = built.get(name)
-        for attribute in _EPSILON_ATTRIBUTES:
+        for attribute in NORM_EPSILON_ATTRIBUTES:
             value = getattr(module, attribute, None)
             if isinstance(value, float) and isinstance(getattr(fresh, attribute, None), float) \
                     and getattr(fresh, attribute) != value:
