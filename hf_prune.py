@@ -20,7 +20,7 @@ from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_f
 from evaluation import perplexity
 from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
                      save_model)
-from modelio.load import resolve_model_path
+from modelio.load import DTYPES, resolve_model_path
 from modelio.save import check_save_target, check_writable
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
@@ -168,6 +168,12 @@ def _data_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> Non
                         help=f"folder laid out like shared/data; None: ${ENV_VAR}, else ../shared/data beside the "
                              "project, else the Hugging Face hubs")
     parser.add_argument("--device", default="cpu", help="torch device to prune and evaluate on (cpu, cuda, cuda:1)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights' dtype while pruning and in the saved model (statistics stay float32/64); "
+                             "a checkpoint loaded in its own dtype stays memory-mapped until read")
+    parser.add_argument("--low_memory", type=str_to_bool, nargs="?", const=True, default=defaults.low_memory,
+                        help="keep resident memory near one layer (weights handed back after use, Taylor in one "
+                             "checkpointed backward): the same plan, for models near the size of memory")
     parser.add_argument("--test_before_train", type=str_to_bool, default=True,
                         help="measure perplexity before pruning (False skips one evaluation pass)")
     parser.add_argument("--test_after_train", type=str_to_bool, default=True, help="measure perplexity after pruning")
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(args)
         check_flags(args, settings)
         check_outputs(args, resolve_model_path(args.base_model))
-        model, tokenizer = load_model_and_tokenizer(args.base_model, device=args.device)
+        model, tokenizer = load_model_and_tokenizer(args.base_model, dtype=args.dtype, device=args.device)
         preflight(model, settings)  # the architecture, the layer ranges and the budget, before any measuring
         run(model, tokenizer, args, settings)
     except ERRORS as error:

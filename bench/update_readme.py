@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.md"}
+SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.md", "scale": "scale.md"}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -92,7 +92,8 @@ def _compensate_norms(model: nn.Module, rule: ArchitectureRule, hidden: Space, r
         setattr(config, rule.epsilon_config_field, getattr(config, rule.epsilon_config_field) * ratio)
 
 
-def _slice_parameters(model: nn.Module, positions: dict[tuple[str, int], set[int]]) -> None:
+def _slice_parameters(model: nn.Module, positions: dict[tuple[str, int], set[int]],
+                      release: Callable[[torch.Tensor], None] | None = None) -> None:
     by_name = dict(model.named_parameters(remove_duplicate=False))
     holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for module_name, module in model.named_modules():
@@ -111,6 +112,8 @@ def _slice_parameters(model: nn.Module, positions: dict[tuple[str, int], set[int
         new = nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
         for module, attr in holders[id(param)]:
             setattr(module, attr, new)
+        if release is not None:  # the old weight is read: its pages can go before the next one is read
+            release(param)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
@@ -239,8 +242,10 @@ def check_value_forward(model: nn.Module, rule: ArchitectureRule) -> None:
     _VALUE_FORWARD_PASSED.add(model)
 
 
-def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule) -> None:
-    """Remove, in place, every slice the plan names and update modules and config to match."""
+def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: ArchitectureRule,
+               release: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Remove, in place, every slice the plan names and update modules and config to match. ``release`` is
+    called with each weight once its slices are taken (to hand a memory-mapped weight's pages back)."""
     if plan.is_empty():
         return
     _refuse_rotary_pairs(spaces, plan)
@@ -255,7 +260,7 @@ def apply_plan(model: nn.Module, spaces: Mapping[str, Space], plan: Plan, rule: 
             if len(set(elements)) >= space.size:
                 raise InvalidPlan("the plan removes every hidden channel: lower the hidden ratio")
             _compensate_norms(model, rule, space, len(set(elements)))
-    _slice_parameters(model, positions)
+    _slice_parameters(model, positions, release)
     _record_value_widths(model, spaces, plan)
     if plan.layers:
         _remove_layers(model, rule, plan.layers)

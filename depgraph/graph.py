@@ -4,8 +4,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import networkx as nx
+import torch
 from torch import nn
 
 from depgraph.apply import InvalidPlan, Plan, apply_plan, mask_plan
@@ -75,9 +77,10 @@ class DependencyGraph:
         return len(self.rule.decoder_layers(self.model))
 
     # -- actions --------------------------------------------------------------------------------
-    def apply(self, plan: Plan) -> None:
-        """Remove what ``plan`` names from the model, in place. The graph is stale afterwards: build anew."""
-        apply_plan(self.model, self.by_name, plan, self.rule)
+    def apply(self, plan: Plan, release: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Remove what ``plan`` names from the model, in place. The graph is stale afterwards: build anew.
+        ``release``: called with each old weight once sliced (see ``apply_plan``)."""
+        apply_plan(self.model, self.by_name, plan, self.rule, release)
 
     def mask(self, plan: Plan) -> None:
         """Zero what ``plan`` names, in place (for reference outputs)."""

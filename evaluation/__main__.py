@@ -15,6 +15,7 @@ import torch
 
 from corpora import DataNotFoundError
 from corpora.sources import EVALUATION_SETS
+from modelio.load import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats", action="store_true", help="parameters, MACs, latency and peak memory")
     parser.add_argument("--new_tokens", type=int, default=64, help="decoded tokens for the latency measurement")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser

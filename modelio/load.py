@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("float32", "bfloat16", "float16")  # what --dtype accepts
 
 
 class ModelNotFoundError(ValueError):

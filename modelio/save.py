@@ -32,6 +32,9 @@ except ImportError:  # an older huggingface_hub: configs raise ValueError themse
 _VALIDATION_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 
+# safetensors builds each shard in memory before writing it: small shards keep saving near the model's own size
+MAX_SHARD_SIZE = "1GB"
+
 def _reference_shapes(config) -> tuple[dict[str, tuple[int, int, bool]], dict[str, tuple[int, ...]], nn.Module]:
     """Linear shapes and every parameter's shape that the (plain) config would build, and that model, on the
     meta device."""
@@ -315,7 +318,7 @@ def _write_folder(model: PreTrainedModel, tokenizer, staging: Path) -> None:
         saved_config = config
     model.config = saved_config
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     finally:
         model.config = config
     if tokenizer is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depgraph import Plan
+from modelio.memory import extents, release
 from pruners.allocation import allocate
 from pruners.compensation import bias_parameters_added, compensate_bias, removed_input_columns
 from pruners.factorization import NEEDS_SECOND_MOMENTS, factorize, saves_parameters
@@ -32,7 +33,8 @@ class RemoveStructures:
         if plan.is_empty():
             return
         record_removals(context, plan)
-        context.graph.apply(plan)
+        low_memory = getattr(context.settings, "low_memory", False)
+        context.graph.apply(plan, release=(lambda weight: release(extents([weight]))) if low_memory else None)
 
 
 @dataclass

@@ -5,15 +5,19 @@ module names, so they apply to every architecture the graph understands.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from depgraph import DependencyGraph, Space
+from modelio.memory import release_module
 from pruners.pipeline import progress
 from pruners.statistics import InputStatistics, collect_input_statistics
 
@@ -147,15 +151,18 @@ class TaylorEstimator(_WholeModel):
 
     vectorize and param_first need g of the mean loss over all examples, whatever the micro-batch size:
     the micro-batches' gradients add up in ``.grad`` (one gradient per scored weight, as LLM-Pruner holds)
-    and are reduced to one number per position once, after the last backward. param_second and param_mix
-    need w*g and H element by element across examples: they keep those two accumulators (as LLM-Pruner keeps
-    grad and acc_grad), reduced per example in the gradient hook.
+    and are reduced to one number per position once, after the last backward; with ``low_memory``, one
+    checkpointed backward over every example gives the same g, reduced weight by weight as it completes.
+    param_second is a sum of non-negative per-example terms, reduced per example in the gradient hook.
+    param_mix needs w*g and H element by element across examples: it keeps those two accumulators (as
+    LLM-Pruner keeps grad and acc_grad).
     """
 
     mode: str = "param_first"
     grouping: str = "sum"
     batch_size: int = 2
     examples: int | None = None  # the first this many calibration windows (the rest serve a later layer pass)
+    low_memory: bool = False  # one checkpointed backward, each gradient reduced and freed at once (see _backward)
 
     def estimate(self, context) -> dict[str, np.ndarray]:
         batches = context.batches
@@ -191,8 +198,16 @@ class TaylorEstimator(_WholeModel):
                     reduced = _reduce_to_dim(value, dim)
                     vectors[(name, dim)] = np.abs(reduced) if signed else reduced
 
-            self._backward(graph.model, batches, wanted, reduce_now, per_example=False)
-        else:
+            self._backward(graph, batches, wanted, reduce_now, per_example=False)
+        elif self.mode == "param_second":
+            def add_example(name, weight, grad):
+                # w*H*w = sum over examples of (w*g_s)^2 / n >= 0: each example's share reduces on its own
+                value = (weight * grad).pow(2) / count
+                for dim in wanted[name]:
+                    vectors[(name, dim)] = vectors.get((name, dim), 0) + _reduce_to_dim(value, dim)
+
+            self._backward(graph, batches, wanted, add_example, per_example=True)
+        else:  # param_mix: |w*g - w*H*w / 2| needs both terms element by element before the absolute value
             first: dict[str, torch.Tensor] = {}
             fisher: dict[str, torch.Tensor] = {}
 
@@ -200,20 +215,26 @@ class TaylorEstimator(_WholeModel):
                 first[name] = first.get(name, 0) + weight * grad / count
                 fisher[name] = fisher.get(name, 0) + grad * grad / count
 
-            self._backward(graph.model, batches, wanted, accumulate, per_example=True)
+            self._backward(graph, batches, wanted, accumulate, per_example=True)
             params = dict(graph.model.named_parameters())
             for name, dims in wanted.items():
                 weight = params[name].detach().float()
-                second = weight * fisher[name] * weight
-                value = (second if self.mode == "param_second" else first[name] - 0.5 * second).abs()
+                value = (first[name] - 0.5 * weight * fisher[name] * weight).abs()
                 for dim in dims:
                     vectors[(name, dim)] = _reduce_to_dim(value, dim)
             first.clear()
             fisher.clear()
         return {space.name: reduce_parameters(space, vectors, self.grouping) for space in spaces}
 
-    def _backward(self, model, batches, wanted, consume, per_example: bool) -> None:
-        """Backward passes over ``batches``; ``consume(name, weight, grad)`` sees each wanted gradient once."""
+    def _backward(self, graph, batches, wanted, consume, per_example: bool) -> None:
+        """Backward passes over ``batches``; ``consume(name, weight, grad)`` sees each wanted gradient once.
+
+        With ``low_memory`` the gradient of the mean loss comes from one backward over every example, with the
+        decoder layers checkpointed, and each weight's gradient is consumed and freed as soon as it is complete:
+        about one layer of gradients and activations is alive at a time instead of a gradient for every weight
+        (the logits of every example are, so that part grows with the number of examples).
+        """
+        model = graph.model
         params = dict(model.named_parameters())
         requires = {n: p.requires_grad for n, p in params.items()}
         for name, param in params.items():
@@ -227,22 +248,25 @@ class TaylorEstimator(_WholeModel):
 
             return hook
 
-        if per_example:
+        if per_example or self.low_memory:
             for name in wanted:
                 handles.append(params[name].register_post_accumulate_grad_hook(hook_for(name)))
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        step = 1 if per_example else self.batch_size
+        step = 1 if per_example else batches.shape[0] if self.low_memory else self.batch_size
         try:
-            for start in progress(range(0, batches.shape[0], step), "gradients"):
-                ids = batches[start : start + step].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
-                # Per example: that example's own gradient (the Fisher needs it). Otherwise the batches add up
-                # to the gradient of the mean loss over all examples.
-                (loss if per_example else loss * ids.shape[0] / batches.shape[0]).backward()
-            if not per_example:  # the gradient of the mean loss over every example, complete only now
+            with checkpointed(graph.rule.decoder_layers(model), self.low_memory):
+                for start in progress(range(0, batches.shape[0], step), "gradients"):
+                    ids = batches[start : start + step].to(device)
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                           ids[:, 1:].reshape(-1))
+                    del logits
+                    # Per example: that example's own gradient (the Fisher needs it). Otherwise the batches add
+                    # up to the gradient of the mean loss over all examples.
+                    (loss if per_example else loss * ids.shape[0] / batches.shape[0]).backward()
+            if not (per_example or self.low_memory):  # the gradient of the mean loss, complete only now
                 for name in wanted:
                     hook_for(name)(params[name])
         finally:
@@ -252,6 +276,29 @@ class TaylorEstimator(_WholeModel):
                 param.requires_grad_(requires[name])
                 param.grad = None
             model.train(was_training)
+            if self.low_memory:
+                release_module(model)
+
+
+@contextmanager
+def checkpointed(layers: nn.ModuleList, enabled: bool = True) -> Iterator[None]:
+    """Activation checkpointing of every decoder layer for the duration: only each layer's inputs are kept for
+    the backward, which runs the layer again (bitwise the same on the same device). A forward set on the
+    instance (accelerate's hooks) is wrapped and put back."""
+    if not enabled:
+        yield
+        return
+    own = [vars(layer).get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def input_linears(graph: DependencyGraph, space: Space) -> list[str]:

@@ -13,6 +13,7 @@ from corpora import calibration_batches
 from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
 from evaluation.stats import count_parameters
+from modelio.memory import release_module
 from pruners.actions import CompensateBias, Factorize, PruneChannels, RemoveStructures
 from pruners.allocation import ByUnits, FixedHeads, LowestLayers
 from pruners.engine import Context, run_steps
@@ -65,6 +66,9 @@ class PruneSettings:
     propagate: str | None = None
     # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode)
     refit: bool = False
+    # keep resident memory near one layer: memory-mapped weights are handed back after use, Taylor takes one
+    # checkpointed backward whose gradients are reduced and freed weight by weight (same plan, less memory)
+    low_memory: bool = False
 
 
 MODES = ("block", "channel", "layer")
@@ -116,7 +120,8 @@ class Composition:
 
 def _llm_pruner_estimator(settings: PruneSettings):
     kinds = {
-        "taylor": lambda: TaylorEstimator(settings.taylor, settings.grouping_strategy, examples=settings.num_examples),
+        "taylor": lambda: TaylorEstimator(settings.taylor, settings.grouping_strategy, examples=settings.num_examples,
+                                          low_memory=settings.low_memory),
         "l1": lambda: MagnitudeEstimator(1, settings.grouping_strategy),
         "l2": lambda: MagnitudeEstimator(2, settings.grouping_strategy),
         "random": lambda: RandomEstimator(settings.seed),
@@ -221,7 +226,8 @@ METHODS: dict[str, Composition] = {
 }
 
 # Read by every method; the block selection only in block mode.
-COMMON_SETTINGS = frozenset({"prune_method", "pruning_ratio", "calibration", "seq_len", "seed", "data_dir", "mode"})
+COMMON_SETTINGS = frozenset({"prune_method", "pruning_ratio", "calibration", "seq_len", "seed", "data_dir", "mode",
+                             "low_memory"})
 BLOCK_SETTINGS = frozenset({"sublayer", "block_attention_layer_start", "block_attention_layer_end",
                             "block_mlp_layer_start", "block_mlp_layer_end"})
 NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads", "refit"})
@@ -272,6 +278,16 @@ def check_settings_read(settings: PruneSettings, composition: Composition | None
         raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} not read by --prune_method "
                          f"{settings.prune_method} in {mode} mode: drop {'it' if len(unread) == 1 else 'them'}, or "
                          f"choose a method that reads {'it' if len(unread) == 1 else 'them'} (README, method table)")
+    check_low_memory(settings)
+
+
+def check_low_memory(settings: PruneSettings) -> None:
+    """Refuse what ``--low_memory`` cannot bound (before any work)."""
+    if settings.low_memory and settings.prune_method == "llm_pruner" and settings.pruner_type == "taylor" \
+            and settings.taylor == "param_mix":
+        raise ValueError("--taylor param_mix keeps w*g and the Fisher for every weight (two full-size accumulators),"
+                         " which --low_memory cannot bound: use --taylor param_first or param_second, or drop "
+                         "--low_memory")
 
 
 @dataclass
@@ -366,6 +382,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     before = count_parameters(model)
     budget = int(round(settings.pruning_ratio * before))
     graph = DependencyGraph.build(model)
+    if settings.low_memory:  # the trace read every weight once
+        release_module(model)
     stages = {"trace": time.perf_counter() - start}
     selection = sublayer_selection(settings, graph.num_layers)
     spaces = composition.select(graph, settings, selection)
@@ -374,7 +392,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
         batches = _calibration(tokenizer, settings, composition.samples(settings), batches)
         rule = graph.rule
         pipeline = None if batches is None else LayerPipeline(
-            model, lambda: rule.decoder_layers(model), batches, head=lambda: model_head(model), device=device)
+            model, lambda: rule.decoder_layers(model), batches, head=lambda: model_head(model), device=device,
+            low_memory=settings.low_memory)
         context = Context(model, graph, settings, budget, selection, spaces, batches, pipeline, record, log,
                           propagate=settings.propagate)
         estimator, allocator = composition.estimator(settings), composition.allocator(settings)

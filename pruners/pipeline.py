@@ -8,7 +8,9 @@ i + 1. Whether layer i + 1 sees the dense outputs (computed before the steps act
 processed: a step that needs something later keeps it itself.
 
 Where a layer's weights live is handled here and nowhere else: with ``device`` set, each layer is moved
-there for its turn and back to where it was afterwards, so only one layer occupies the accelerator.
+there for its turn and back to where it was afterwards, so only one layer occupies the accelerator; with
+``low_memory``, the pages of the weights a layer read (memory-mapped from the checkpoint) are handed back after
+its turn, so only the layer in hand and the compressed ones before it stay resident.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modelio.memory import module_extents, release, release_module
 from pruners.statistics import InputStatistics, observe_inputs
 
 PROPAGATIONS = ("dense", "compressed")
@@ -112,6 +115,7 @@ class LayerPipeline:
     batch_size: int = 8
     device: torch.device | str | None = None  # where each layer runs (None: where it is)
     show_progress: bool = True
+    low_memory: bool = False  # hand each layer's old weights back to the kernel after its turn (modelio.memory)
 
     @contextmanager
     def placed(self, layer: nn.Module) -> Iterator[nn.Module]:
@@ -145,6 +149,8 @@ class LayerPipeline:
         inputs = self._inputs_on(capture_layer_inputs(self.model, layers, self.batches, self.batch_size))
         for index in progress(range(len(layers)), desc, self.show_progress):
             observed = _observed(context, steps, index)
+            # what the layer holds before its turn (on the CPU, before any move to the device)
+            used = module_extents(self.layers()[index]) if self.low_memory else []
             with self.placed(self.layers()[index]) as layer:
                 with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as stats:
                     outputs = run_layer(layer, inputs)
@@ -154,6 +160,7 @@ class LayerPipeline:
                 if propagate == "compressed":
                     outputs = run_layer(self.layers()[index], inputs)
             del step, stats
+            release(used)  # what the layer read (its replaced weights included), not what it now holds
             inputs = outputs
         after = _observed(context, steps, None)
         if (after or run_head) and self.head is not None:
@@ -166,6 +173,8 @@ class LayerPipeline:
             for each in steps:
                 if hasattr(each, "after_layers"):
                     each.after_layers(context, last)
+            if self.low_memory:
+                release_module(self.model.get_output_embeddings())
 
 
 def _observed(context, steps: list, index: int | None) -> dict[str, bool]:

@@ -1,0 +1,78 @@
+"""Keeping resident memory near one layer: weights stay memory-mapped until used and are handed back after.
+
+``from_pretrained`` maps a safetensors checkpoint whose dtype matches the one asked (bf16 on bf16): the
+weights are file pages that enter resident memory only when read. Pruning reads every layer once, so without
+help the whole checkpoint ends up resident beside the smaller weights that replace it. ``release`` asks the
+kernel to reclaim the pages of tensors already used (``madvise(MADV_PAGEOUT)``): clean file pages leave the
+process and are read again from the file if touched, while written (anonymous) pages are kept or swapped,
+never lost, so it is safe on any tensor. Where the call does not exist (not Linux, old kernels) it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from typing import Iterable
+
+import torch
+from torch import nn
+
+_PAGE = mmap.PAGESIZE
+# Linux's MADV_PAGEOUT (since 5.4; Python's mmap module names it only from 3.12)
+_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform.startswith("linux") else None)
+_libc = None
+
+
+def _madvise():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc.madvise if _libc else None
+
+
+Extent = tuple[int, int]  # (address, bytes) of a CPU storage
+
+
+def extents(tensors: Iterable[torch.Tensor]) -> list[Extent]:
+    """The memory ranges of the CPU storages behind ``tensors``, each once."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            seen[storage.data_ptr()] = storage.nbytes()
+    return list(seen.items())
+
+
+def module_extents(module: nn.Module) -> list[Extent]:
+    return extents([*module.parameters(), *module.buffers()])
+
+
+def release(ranges: Iterable[Extent]) -> None:
+    """Hand the pages of ``ranges`` back to the kernel (see the module docstring); errors are ignored, since a
+    range freed meanwhile is simply no longer mapped."""
+    advise = _madvise()
+    if advise is None or _PAGEOUT is None:
+        return
+    for address, size in ranges:
+        start = address // _PAGE * _PAGE
+        end = -(-(address + size) // _PAGE) * _PAGE
+        advise(start, end - start, _PAGEOUT)
+
+
+def release_module(module: nn.Module) -> None:
+    release(module_extents(module))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
