@@ -7,12 +7,13 @@ from corpora.sources import (
     zeroshot_file,
     instruction_records,
 )
-from corpora.calibration import calibration_batches
+from corpora.calibration import calibration_batches, heldout_batches
 
 __all__ = [
     "DataNotFoundError",
     "calibration_texts",
     "calibration_batches",
+    "heldout_batches",
     "evaluation_text",
     "resolve_data_dir",
     "zeroshot_file",

@@ -9,6 +9,18 @@ from transformers import PreTrainedTokenizerBase
 
 from corpora.sources import calibration_texts
 
+# The last tenth of each calibration corpus's shuffled documents is held out: calibration never reads it, so
+# methods and their defaults can be chosen on it without touching any evaluation text (bench/select_default.py).
+HELDOUT_SHARE = 0.1
+
+
+def _split(documents: list[str], rng: random.Random) -> tuple[list[int], list[int]]:
+    """Shuffled document indices: (those calibration may read, the held-out ones)."""
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    held = int(len(order) * HELDOUT_SHARE) if len(order) > 1 else 0
+    return order[: len(order) - held], order[len(order) - held :]
+
 
 def calibration_batches(
     tokenizer: PreTrainedTokenizerBase,
@@ -27,8 +39,7 @@ def calibration_batches(
         raise ValueError(f"need nsamples > 0 and seq_len > 1, got {nsamples} and {seq_len}")
     documents = calibration_texts(name, data_dir=data_dir)
     rng = random.Random(seed)
-    order = list(range(len(documents)))
-    rng.shuffle(order)
+    order, _ = _split(documents, rng)
     needed = nsamples * seq_len * 4
     ids: list[int] = []
     for index in order:
@@ -40,3 +51,28 @@ def calibration_batches(
     stream = torch.tensor(ids, dtype=torch.long)
     starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(nsamples)]
     return torch.stack([stream[s : s + seq_len] for s in starts])
+
+
+def heldout_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str = "bookcorpus",
+    nsamples: int = 64,
+    seq_len: int = 128,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """``nsamples`` consecutive, non-overlapping windows from the held-out documents of ``name`` (see
+    ``HELDOUT_SHARE``): text that neither calibration (with the same ``seed``) nor evaluation reads."""
+    documents = calibration_texts(name, data_dir=data_dir)
+    _, held = _split(documents, random.Random(seed))
+    if not held:
+        raise ValueError(f"calibration set '{name}' is one document: it has no held-out part; use bookcorpus")
+    ids: list[int] = []
+    for index in held:
+        ids.extend(tokenizer(documents[index] + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= nsamples * seq_len:
+            break
+    if len(ids) < nsamples * seq_len:
+        raise ValueError(f"the held-out part of '{name}' has {len(ids)} tokens, fewer than {nsamples} windows of "
+                         f"{seq_len}: ask for at most {len(ids) // seq_len}")
+    return torch.tensor(ids[: nsamples * seq_len], dtype=torch.long).view(nsamples, seq_len)

@@ -17,17 +17,22 @@ from modelio import load_model, save_model
 from tests.test_zeroshot import _byte_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
+def byte_llama(**extra):
+    """A tiny random LLaMA and the byte tokenizer its vocabulary matches (a model folder the CLI can calibrate)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _byte_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    return save_model(LlamaForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("models") / "tiny")
+    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None), **extra})
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_model(*byte_llama(), tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from modelio.memory import extents, release_module
 from pruners import METHODS, PruneSettings, prune_model
 from pruners.estimators import TAYLOR_MODES, TaylorEstimator, checkpointed
 from tests.conftest import COMMON, settings_for, tiny_model
-from tests.test_zeroshot import _byte_tokenizer
+from tests.test_cli import byte_llama
 
 
 @pytest.fixture
@@ -138,15 +138,8 @@ def test_a_model_larger_than_a_shard_is_saved_in_shards_and_loads_back(monkeypat
 
 
 def test_the_cli_prunes_and_saves_in_bf16_with_low_memory(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    tokenizer = _byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    source = save_model(LlamaForCausalLM(config).to(torch.bfloat16).eval(), tokenizer, tmp_path / "source")
+    model, tokenizer = byte_llama(tie_word_embeddings=False)
+    source = save_model(model.to(torch.bfloat16), tokenizer, tmp_path / "source")
     out = tmp_path / "out"
     for method in ("flap", "llm_pruner"):
         calibration = ["--nsamples", "4"] if method == "flap" else ["--num_examples", "4"]

@@ -1,0 +1,99 @@
+"""Choose the default method on held-out calibration text, never on an evaluation set.
+
+    python bench/select_default.py            # every candidate missing from bench/results/selection.jsonl
+    python bench/select_default.py --table    # rewrite bench/results/selection.md from the JSONL
+
+Each candidate (a run of ``bench/methods.py``) prunes the embedded model by 20% of all parameters in a fresh
+process and is scored by its perplexity on 64 windows of 128 tokens from the held-out tenth of the calibration
+corpus (``corpora.heldout_batches``: documents that calibration never reads, and no WikiText-2 or PTB text).
+The candidate with the lowest held-out perplexity is the one ``PruneSettings`` should default to; WikiText-2
+figures for the same runs are in the method table, for reporting only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.methods import RUNS  # noqa: E402
+
+ROWS = ROOT / "bench" / "results" / "selection.jsonl"
+TABLE = ROOT / "bench" / "results" / "selection.md"
+# the strongest families of the method table, with and without the least-squares refit
+CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit", "flap-WIFV-AL-AM-attn+mlp-refit",
+              "llm_pruner-param_first-refit")
+EXTRA = {"lorap-AWSVD-compressed-refit": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
+                                          "propagate": "compressed"}}
+WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
+
+
+def settings_of(name: str) -> dict:
+    return EXTRA.get(name) or RUNS[name]
+
+
+def run_one(name: str) -> dict:
+    import torch
+
+    from corpora import heldout_batches
+    from evaluation.perplexity import perplexity_on_windows
+    from modelio import load_model_and_tokenizer
+    from pruners import PruneSettings, prune_model
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    settings = PruneSettings(pruning_ratio=RATIO, **settings_of(name))
+    heldout = heldout_batches(tokenizer, settings.calibration, WINDOWS, SEQ_LEN, settings.seed)
+    report = prune_model(model, tokenizer, settings, log=lambda _: None)
+    return {"run": name, "settings": settings_of(name), "ratio": RATIO, "achieved_ratio": round(report.achieved_ratio, 4),
+            "heldout_ppl": round(perplexity_on_windows(model, heldout, progress=False), 2),
+            "heldout": f"{settings.calibration}, {WINDOWS} x {SEQ_LEN} tokens, seed {settings.seed}",
+            "prune_seconds": round(report.seconds, 1), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()} CPU, 2 threads"}
+
+
+def rows() -> list[dict]:
+    found = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
+    return list({row["run"]: row for row in found}.values())
+
+
+def write_table() -> str:
+    measured = sorted(rows(), key=lambda row: row["heldout_ppl"])
+    lines = ["Candidates for the default at 20% of all parameters, by perplexity on held-out calibration text "
+             f"({measured[0]['heldout'] if measured else ''}; `python bench/select_default.py`, "
+             f"{measured[0]['machine'] if measured else ''}, {measured[0]['date'] if measured else ''}). "
+             "Lowest first; the first row is the default.", "",
+             "| candidate | settings | removed | held-out PPL |", "|---|---|---|---|"]
+    for row in measured:
+        flags = " ".join(f"--{key} {value}" for key, value in row["settings"].items())
+        lines.append(f"| {row['run']} | `{flags}` | {row['achieved_ratio']:.2%} | {row['heldout_ppl']:.2f} |")
+    TABLE.write_text("\n".join(lines) + "\n")
+    return TABLE.read_text()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", choices=CANDIDATES, help=argparse.SUPPRESS)  # the child process's own run
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the JSONL")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one)))
+        return
+    if not args.table:
+        done = {row["run"] for row in rows()}
+        for name in (n for n in CANDIDATES if n not in done):
+            print(f"{name} ...", flush=True)
+            output = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True,
+                                    text=True).stdout
+            with ROWS.open("a") as handle:
+                handle.write(output.strip().splitlines()[-1] + "\n")
+    print(write_table())
+
+
+if __name__ == "__main__":
+    main()
