@@ -67,7 +67,7 @@ def write_table() -> str:
     lines = ["Candidates for the default at 20% of all parameters, by perplexity on held-out calibration text "
              f"({measured[0]['heldout'] if measured else ''}; `python bench/select_default.py`, "
              f"{measured[0]['machine'] if measured else ''}, {measured[0]['date'] if measured else ''}). "
-             "Lowest first; the first row is the default.", "",
+             "Lowest first.", "",
              "| candidate | settings | removed | held-out PPL |", "|---|---|---|---|"]
     for row in measured:
         flags = " ".join(f"--{key} {value}" for key, value in row["settings"].items())
