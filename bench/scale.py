@@ -42,8 +42,10 @@ RUNS = {
     "flap": ["--prune_method", "flap"],
     "taylor": ["--prune_method", "llm_pruner", "--pruner_type", "taylor"],
     "default": [],
+    # the best candidate on held-out calibration text (bench/select_default.py): least-squares refits at scale
+    "flap-refit": ["--prune_method", "flap", "--structure", "AL-AM", "--sublayer", "self_attn,mlp", "--refit", "True"],
 }
-READS_NSAMPLES = ("flap", "default")  # Taylor calibrates on --num_examples and refuses --nsamples
+READS_NSAMPLES = ("flap", "default", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SHARD_BYTES = 1 << 30
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=tuple(SHAPES), default="1b")
     parser.add_argument("--out", type=Path, help="make: the model folder; run: where pruned models go (removed after)")
     parser.add_argument("--model", type=Path, help="run: the model folder that make wrote")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"run: comma list of {', '.join(RUNS)}")
+    parser.add_argument("--runs", default="flap,taylor,default", help=f"run: comma list of {', '.join(RUNS)}")
     parser.add_argument("--nsamples", type=int, default=None,
                         help="run: calibration windows of the methods that read them (default: hf_prune's)")
     parser.add_argument("--table", action="store_true", help=f"write {RESULTS.relative_to(ROOT)} from the rows")
