@@ -22,6 +22,17 @@ def _split(documents: list[str], rng: random.Random) -> tuple[list[int], list[in
     return order[: len(order) - held], order[len(order) - held :]
 
 
+def _token_stream(tokenizer: PreTrainedTokenizerBase, documents: list[str], order: list[int], needed: int
+                  ) -> list[int]:
+    """The documents in ``order``, joined by blank lines and tokenized, until at least ``needed`` tokens."""
+    ids: list[int] = []
+    for index in order:
+        ids.extend(tokenizer(documents[index] + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= needed:
+            break
+    return ids
+
+
 def calibration_batches(
     tokenizer: PreTrainedTokenizerBase,
     name: str = "bookcorpus",
@@ -40,12 +51,7 @@ def calibration_batches(
     documents = calibration_texts(name, data_dir=data_dir)
     rng = random.Random(seed)
     order, _ = _split(documents, rng)
-    needed = nsamples * seq_len * 4
-    ids: list[int] = []
-    for index in order:
-        ids.extend(tokenizer(documents[index] + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= needed:
-            break
+    ids = _token_stream(tokenizer, documents, order, nsamples * seq_len * 4)
     if len(ids) <= seq_len:
         raise ValueError(f"calibration set '{name}' has only {len(ids)} tokens, fewer than --seq_len {seq_len}")
     stream = torch.tensor(ids, dtype=torch.long)
@@ -67,11 +73,7 @@ def heldout_batches(
     _, held = _split(documents, random.Random(seed))
     if not held:
         raise ValueError(f"calibration set '{name}' is one document: it has no held-out part; use bookcorpus")
-    ids: list[int] = []
-    for index in held:
-        ids.extend(tokenizer(documents[index] + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= nsamples * seq_len:
-            break
+    ids = _token_stream(tokenizer, documents, held, nsamples * seq_len)
     if len(ids) < nsamples * seq_len:
         raise ValueError(f"the held-out part of '{name}' has {len(ids)} tokens, fewer than {nsamples} windows of "
                          f"{seq_len}: ask for at most {len(ids) // seq_len}")

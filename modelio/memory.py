@@ -68,11 +68,3 @@ def release(ranges: Iterable[Extent]) -> None:
 def release_module(module: nn.Module) -> None:
     release(module_extents(module))
 
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except OSError:
-        return 0

@@ -35,6 +35,7 @@ _VALIDATION_ERRORS = (ValueError, TypeError, StrictDataclassError)
 # safetensors builds each shard in memory before writing it: small shards keep saving near the model's own size
 MAX_SHARD_SIZE = "1GB"
 
+
 def _reference_shapes(config) -> tuple[dict[str, tuple[int, int, bool]], dict[str, tuple[int, ...]], nn.Module]:
     """Linear shapes and every parameter's shape that the (plain) config would build, and that model, on the
     meta device."""

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_prune
 import modelio.save
+from evaluation.stats import _status_kib
 from modelio import load_model, save_model
 from modelio.memory import extents, release_module
 from pruners import METHODS, PruneSettings, prune_model
@@ -94,10 +95,7 @@ def test_the_cli_refuses_param_mix_under_low_memory_in_one_line(capsys):
 
 
 def _rss_file_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return (_status_kib("RssFile") or 0) * 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux's madvise")
