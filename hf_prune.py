@@ -158,7 +158,9 @@ def _data_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> Non
     """Calibration, evaluation, data and device."""
     parser.add_argument("--calibration", choices=CALIBRATION_SETS, default=defaults.calibration,
                         help="calibration corpus")
-    parser.add_argument("--nsamples", type=int, default=defaults.nsamples, help="calibration windows (activations)")
+    parser.add_argument("--nsamples", type=int, default=defaults.nsamples,
+                        help="calibration windows for activation statistics (None: the method's: 512 for "
+                             "flap_refit, else 128)")
     parser.add_argument("--num_examples", type=int, default=defaults.num_examples,
                         help="calibration windows (gradients)")
     parser.add_argument("--seq_len", type=int, default=defaults.seq_len,

@@ -69,6 +69,17 @@ RUNS: dict[str, dict] = {
                                        **BOTH},
     "wanda_sp-refit": {"prune_method": "wanda_sp", "refit": True},
     "svd_llm": {"prune_method": "svd_llm"},
+    # the candidates for the default (bench/select_default.py): the refit, calibrated on compressed outputs and
+    # on 512 windows; flap_refit is the chosen one (FLAP AL-AM + refit, compressed, 512 windows)
+    "flap-WIFV-AL-AM-attn+mlp-refit-compressed": {"prune_method": "flap", "metrics": "WIFV", "structure": "AL-AM",
+                                                  "refit": True, "propagate": "compressed", **BOTH},
+    "flap-WIFV-AL-AM-attn+mlp-refit-512": {"prune_method": "flap", "metrics": "WIFV", "structure": "AL-AM",
+                                           "refit": True, "nsamples": 512, **BOTH},
+    "lorap-AWSVD-compressed-refit": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
+                                     "propagate": "compressed"},
+    "lorap-AWSVD-compressed-refit-512": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
+                                         "propagate": "compressed", "nsamples": 512},
+    "flap_refit": {"prune_method": "flap_refit"},
 }
 RATIOS = (0.2, 0.5)
 

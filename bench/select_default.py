@@ -26,15 +26,11 @@ from bench.methods import RUNS  # noqa: E402
 ROWS = ROOT / "bench" / "results" / "selection.jsonl"
 TABLE = ROOT / "bench" / "results" / "selection.md"
 # the strongest families of the method table, with and without the least-squares refit
+# (flap_refit, today's default, is FLAP AL-AM + refit calibrated on compressed outputs on 512 windows)
 CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit", "flap-WIFV-AL-AM-attn+mlp-refit",
-              "llm_pruner-param_first-refit")
-EXTRA = {"lorap-AWSVD-compressed-refit": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
-                                          "propagate": "compressed"}}
+              "llm_pruner-param_first-refit", "flap-WIFV-AL-AM-attn+mlp-refit-compressed",
+              "flap-WIFV-AL-AM-attn+mlp-refit-512", "lorap-AWSVD-compressed-refit-512", "flap_refit")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
-
-
-def settings_of(name: str) -> dict:
-    return EXTRA.get(name) or RUNS[name]
 
 
 def run_one(name: str) -> dict:
@@ -47,10 +43,10 @@ def run_one(name: str) -> dict:
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    settings = PruneSettings(pruning_ratio=RATIO, **settings_of(name))
+    settings = PruneSettings(pruning_ratio=RATIO, **RUNS[name])
     heldout = heldout_batches(tokenizer, settings.calibration, WINDOWS, SEQ_LEN, settings.seed)
     report = prune_model(model, tokenizer, settings, log=lambda _: None)
-    return {"run": name, "settings": settings_of(name), "ratio": RATIO, "achieved_ratio": round(report.achieved_ratio, 4),
+    return {"run": name, "settings": RUNS[name], "ratio": RATIO, "achieved_ratio": round(report.achieved_ratio, 4),
             "heldout_ppl": round(perplexity_on_windows(model, heldout, progress=False), 2),
             "heldout": f"{settings.calibration}, {WINDOWS} x {SEQ_LEN} tokens, seed {settings.seed}",
             "prune_seconds": round(report.seconds, 1), "date": date.today().isoformat(),

@@ -23,6 +23,7 @@ MLP_COMPRESS_METHODS = ("prune", "decom")
 
 def check_numbers(settings: PruneSettings) -> None:
     """Counts and sizes that must be positive."""
+    settings = resolved(settings)
     for flag, value, least in (("--nsamples", settings.nsamples, 1), ("--num_examples", settings.num_examples, 1),
                                ("--seq_len", settings.seq_len, 2), ("--round_to", settings.round_to, 1)):
         if value < least:

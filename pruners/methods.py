@@ -31,7 +31,7 @@ from pruners.statistics import model_head
 class PruneSettings:
     """Everything a pruning run depends on (``hf_prune.py`` flags map one to one)."""
 
-    prune_method: str = "lorap"  # the best WikiText-2 perplexity at 20% in bench/results/methods.md
+    prune_method: str = "flap_refit"  # the lowest held-out calibration perplexity at 20% (bench/select_default.py)
     pruning_ratio: float = 0.2  # fraction of ALL parameters (embeddings included, tied weights once)
     pruner_type: str = "taylor"  # llm_pruner: random | l1 | l2 | taylor
     taylor: str = "param_first"  # vectorize | param_first | param_second | param_mix
@@ -47,7 +47,7 @@ class PruneSettings:
     block_mlp_layer_start: int = 0
     block_mlp_layer_end: int | None = None
     calibration: str = "bookcorpus"
-    nsamples: int = 128  # calibration windows for activation statistics
+    nsamples: int | None = None  # calibration windows for activation statistics (None: the method's, else 128)
     num_examples: int = 10  # calibration windows for gradients (Taylor)
     seq_len: int = 128
     round_to: int = 1
@@ -64,14 +64,16 @@ class PruneSettings:
     flatllm_mlp_score: str = "leverage"
     # what layer i + 1 is calibrated on after layer i was acted on: dense or compressed outputs (None: the method's)
     propagate: str | None = None
-    # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode)
-    refit: bool = False
+    # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode;
+    # None: the method's)
+    refit: bool | None = None
     # keep resident memory near one layer: memory-mapped weights are handed back after use, Taylor takes one
     # checkpointed backward whose gradients are reduced and freed weight by weight (same plan, less memory)
     low_memory: bool = False
 
 
 MODES = ("block", "channel", "layer")
+NSAMPLES = 128  # calibration windows of a method that names no number of its own
 SUBLAYERS = ("self_attn", "mlp")
 
 
@@ -116,6 +118,8 @@ class Composition:
     sublayer: str = "mlp"
     propagate: str = "dense"
     conditional_reads: Callable[[PruneSettings], frozenset[str]] = lambda settings: frozenset()
+    # values of settings left unset (None) that this method takes instead of the general fallback
+    defaults: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _llm_pruner_estimator(settings: PruneSettings):
@@ -186,6 +190,17 @@ METHODS: dict[str, Composition] = {
         units_allocator, compensated_removal, reads=REMOVING | {"metrics", "bias_compensation", "nsamples"},
         conditional_reads=_refit_reads,
     ),
+    "flap_refit": Composition(
+        "the default, chosen on held-out calibration text (bench/select_default.py): FLAP's WIFV fluctuation ranked "
+        "across layers and modules (AL-AM) over heads and MLP channels, then a least-squares refit of o_proj / "
+        "down_proj on the kept columns (with an intercept), each layer calibrated on the compressed outputs of the "
+        "layers before it, on 512 calibration windows",
+        lambda s: ActivationEstimator(s.metrics, standardize_columns=s.structure != "UL-UM"),
+        units_allocator, compensated_removal,
+        reads=REMOVING | {"metrics", "bias_compensation", "nsamples", "propagate"},
+        propagate="compressed",
+        defaults={"structure": "AL-AM", "sublayer": "self_attn,mlp", "refit": True, "nsamples": 512},
+    ),
     "wanda_sp": Composition(
         "Wanda-sp: |W| * ||x||, uniform per layer", lambda s: ActivationEstimator("wanda_sp"), units_allocator,
         optional_compensation, reads=REMOVING | {"bias_compensation", "nsamples"}, conditional_reads=_refit_reads,
@@ -243,6 +258,8 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
     """``settings`` with the method's defaults filled in (mode, sub-layers, propagation), checked against
     what the method can do."""
     composition = composition or composition_of(settings)
+    settings = replace(settings, **{name: value for name, value in composition.defaults.items()
+                                    if getattr(settings, name) is None})
     mode = settings.mode or composition.modes[0]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode}: choose from {', '.join(MODES)}")
@@ -253,7 +270,8 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
     if settings.propagate is not None and settings.propagate not in PROPAGATIONS:
         raise ValueError(f"unknown --propagate {settings.propagate}: choose from {', '.join(PROPAGATIONS)}")
     return replace(settings, mode=mode, sublayer=settings.sublayer or composition.sublayer,
-                   propagate=settings.propagate or composition.propagate)
+                   propagate=settings.propagate or composition.propagate, refit=bool(settings.refit),
+                   nsamples=NSAMPLES if settings.nsamples is None else settings.nsamples)
 
 
 def unread_settings(settings: PruneSettings, composition: Composition | None = None) -> list[str]:

@@ -47,7 +47,7 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
     assert saved.actions, f"{method} on {arch} recorded nothing"
     wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
               "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"},
-              "svd_llm": {"factorize"}}.get(method, {"remove"})
+              "svd_llm": {"factorize"}, "flap_refit": {"refit", "remove"}}.get(method, {"remove"})
     assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
     reloaded = load_model(folder)
     for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank
@@ -55,6 +55,34 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
         assert isinstance(module, LowRankLinear) and module.rank == entry["rank"]
     for entry in saved.of("remove"):  # removed elements exist in the original space
         assert entry["elements"] and min(entry["elements"]) >= 0
+
+
+def test_a_method_default_fills_only_what_the_user_left_unset():
+    from pruners.methods import resolved
+
+    default = resolved(PruneSettings())
+    assert (default.prune_method, default.structure, default.sublayer, default.refit, default.nsamples,
+            default.propagate) == ("flap_refit", "AL-AM", "self_attn,mlp", True, 512, "compressed")
+    mine = resolved(PruneSettings(structure="UL-UM", sublayer="mlp", refit=False, nsamples=16))
+    assert (mine.structure, mine.sublayer, mine.refit, mine.nsamples) == ("UL-UM", "mlp", False, 16)
+    plain = resolved(PruneSettings(prune_method="flap"))  # FLAP itself keeps its own defaults
+    assert (plain.structure, plain.refit, plain.nsamples) == (None, False, 128)
+
+
+def test_the_default_method_is_flap_ranked_across_layers_with_the_refit(batches):
+    """flap_refit is a set of defaults over flap, nothing else: the same record as flap with them spelled out."""
+    records = []
+    for settings in (PruneSettings(pruning_ratio=0.4, nsamples=6),
+                     PruneSettings(prune_method="flap", pruning_ratio=0.4, nsamples=6, structure="AL-AM",
+                                   sublayer="self_attn,mlp", refit=True, propagate="compressed")):
+        model = tiny_model("llama")
+        records.append(prune_model(model, None, settings, log=lambda _: None, batches=batches).record)
+    default, spelled = records
+    assert default.actions == spelled.actions
+    refitted = {entry["module"].rsplit(".", 2)[-2] + "." + entry["module"].rsplit(".", 1)[-1]
+                for entry in default.of("refit")}
+    assert refitted == {"self_attn.o_proj", "mlp.down_proj"}
+    assert {entry["kind"] for entry in default.of("remove")} == {"heads", "channels"}
 
 
 def test_a_factorized_model_kept_dense_still_records_its_ranks(batches, tmp_path):

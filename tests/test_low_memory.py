@@ -153,9 +153,10 @@ def test_the_cli_prunes_and_saves_in_bf16_with_low_memory(tmp_path):
 @pytest.mark.smollm2
 @pytest.mark.parametrize("settings", [
     PruneSettings(prune_method="flap", nsamples=16),
-    PruneSettings(nsamples=16),  # the default method (LoRAP): factorization ranks and MLP channels
+    PruneSettings(nsamples=16),  # the default method (flap_refit): heads, MLP channels and their refits
+    PruneSettings(prune_method="lorap", nsamples=16),  # factorization ranks and MLP channels
     PruneSettings(prune_method="llm_pruner", num_examples=4),
-], ids=["flap", "default", "taylor"])
+], ids=["flap", "default", "lorap", "taylor"])
 def test_smollm2_streamed_and_plain_runs_give_the_same_plan(settings):
     from dataclasses import replace
 
