@@ -1,0 +1,368 @@
+"""Attempts at #18's quality goal that the engine does not (yet) ship, each rerunnable against its baseline.
+
+    python bench/attempts.py            # every attempt missing from bench/results/attempts.jsonl
+    python bench/attempts.py --table    # rewrite bench/results/attempts.md from the JSONL
+
+Every attempt changes one thing in one composition, LoRAP-AWSVD with the least-squares refit calibrated on the
+compressed outputs (``lorap-AWSVD-compressed-refit``, 128 windows), built in Python with the engine's own parts,
+and prunes SmolLM2 by 20% of all parameters in a fresh process. Rows give the held-out calibration perplexity
+(``corpora.heldout_batches``, 64 x 128 tokens: what an attempt would be chosen on) and WikiText-2 (first 32,768
+tokens, seq 128: for reporting only).
+
+- ``obs-channels``: MLP channels chosen greedily by their optimal-brain-surgeon cost (SlimGPT / ZipLM): with
+  H = E[h h^T] of down_proj's inputs, remove the channel j with the least ||W[:, j]||^2 / [H^-1]_jj, update W
+  and H^-1 by the rank-one downdate, repeat; the end state is the least-squares refit over the kept channels.
+- ``dense-targets``: o_proj and down_proj refitted towards the dense model's residual stream (the compressed
+  layer's inputs, the dense layer's outputs, GPTAQ's asymmetric calibration) instead of towards their own
+  outputs on the compressed inputs.
+- ``loss-allocation``: per-sub-layer fractions instead of one shared ratio, from the measured loss: each
+  attention and each MLP compressed alone at 25% and 50% (AWSVD / Wanda-sp with refit), the mean KL divergence
+  from the dense model's next-token distribution on 16 calibration windows, then a greedy over the convex hull
+  of those curves that spends the budget where the loss per parameter is lowest (at most 60% per sub-layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from depgraph import Plan  # noqa: E402
+from pruners import METHODS  # noqa: E402
+from pruners.actions import PruneChannels, record_removals  # noqa: E402
+from pruners.compensation import removed_input_columns  # noqa: E402
+from pruners.engine import Allocation  # noqa: E402
+from pruners.factorization import factors, shared_rank  # noqa: E402
+from pruners.lorap import SharedFraction  # noqa: E402
+from pruners.methods import PruneSettings, lorap_actions  # noqa: E402
+from pruners.refit import least_squares_weight  # noqa: E402
+
+ROWS = ROOT / "bench" / "results" / "attempts.jsonl"
+TABLE = ROOT / "bench" / "results" / "attempts.md"
+BASELINE = {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True, "propagate": "compressed"}
+ATTEMPTS = ("baseline", "obs-channels", "dense-targets", "loss-allocation")
+DAMPING = 1e-4  # relative to the mean diagonal, as pruners.refit
+
+
+# -- obs-channels ---------------------------------------------------------------------------------------------
+def obs_removal(weight: torch.Tensor, moment: torch.Tensor, count: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy OBS removal of ``count`` input columns of ``weight`` ([out, in], float64) under the input second
+    moment ``moment``; returns the removed columns and the compensated weight."""
+    n = moment.shape[0]
+    inverse = torch.linalg.inv(moment + DAMPING * moment.diagonal().mean() * torch.eye(n, dtype=moment.dtype))
+    weight, alive, removed = weight.clone(), torch.ones(n, dtype=torch.bool), []
+    for _ in range(count):
+        cost = (weight * weight).sum(0) / inverse.diagonal().clamp_min(1e-300)
+        cost[~alive] = float("inf")
+        j = int(torch.argmin(cost))
+        weight -= torch.outer(weight[:, j], inverse[j]) / inverse[j, j]
+        inverse -= torch.outer(inverse[:, j], inverse[j]) / inverse[j, j]
+        alive[j], weight[:, j] = False, 0.0
+        removed.append(j)
+    return sorted(removed), weight
+
+
+@dataclass
+class ObsChannels(PruneChannels):
+    """PruneChannels whose channels are chosen by OBS cost (the refit comes with the selection)."""
+
+    def observes(self, context, index):
+        return {name: True for name in super().observes(context, index)}
+
+    def on_layer(self, context, step) -> None:
+        if step.index not in context.selection.get("mlp", []):
+            return
+        space = context.graph.in_layer(step.index, "channels")
+        per_channel = space.parameter_count(0)
+        count = int(round(min(context.ledger.due(step.index), (space.size - 1) * per_channel) / per_channel))
+        if count <= 0:
+            return
+        (down_name,) = removed_input_columns(context.graph, Plan(remove={space.name: [0]}))
+        down, stats = context.model.get_submodule(down_name), step.statistics[down_name]
+        removed, weight = obs_removal(down.weight.detach().double().cpu(), stats.second_moment.double() / stats.count,
+                                      count)
+        with torch.no_grad():
+            down.weight.copy_(weight.to(down.weight.dtype))
+        plan = Plan(remove={space.name: removed})
+        record_removals(context, plan)
+        context.ledger.spend(len(removed) * per_channel)
+        context.graph.apply(plan)
+
+
+def obs_actions(settings: PruneSettings) -> list:
+    factorize, channels = lorap_actions(settings)
+    return [factorize, ObsChannels(channels.estimator, channels.round_to, refit=True)]
+
+
+# -- dense-targets --------------------------------------------------------------------------------------------
+def _capture(layer: nn.Module, inputs, before: dict[str, nn.Module], after: dict[str, nn.Module]):
+    """Run ``layer`` on ``inputs``; the outputs, the inputs of the ``before`` modules, the outputs of ``after``."""
+    from pruners.pipeline import run_layer
+
+    seen = {name: [] for name in [*before, *after]}
+    handles = [module.register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].detach()))
+               for name, module in before.items()]
+    handles += [module.register_forward_hook(lambda m, a, o, n=name: seen[n].append(
+        (o[0] if isinstance(o, tuple) else o).detach())) for name, module in after.items()]
+    try:
+        return run_layer(layer, inputs), seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _last_linear(module: nn.Module) -> nn.Linear:
+    return module.up if hasattr(module, "up") else module  # a LowRankLinear's output factor
+
+
+@torch.no_grad()
+def _fit_to(linear: nn.Linear, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    """linear.weight = argmin sum ||t - W z||^2 over its live input columns (ridge-damped)."""
+    n = linear.in_features
+    moment = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(linear.out_features, n, dtype=torch.float64)
+    for z, t in zip(inputs, targets):
+        z, t = z.reshape(-1, n).double(), t.reshape(-1, t.shape[-1]).double()
+        moment += z.T @ z
+        cross += t.T @ z
+    live = (moment.diagonal() > 0).nonzero().squeeze(1)
+    block = moment[live][:, live]
+    block += DAMPING * block.diagonal().mean() * torch.eye(len(live), dtype=block.dtype)
+    weight = torch.zeros_like(cross)
+    weight[:, live] = torch.linalg.solve(block, cross[:, live].T).T
+    linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+def dense_target_run(self, context, steps, propagate="dense", desc="", run_head=False):
+    """LayerPipeline.run for the compressing pass: after the steps act on layer i, its residual writers are
+    refitted so that the compressed layer on compressed inputs lands on the dense layer's dense outputs."""
+    from pruners.pipeline import LayerPass, _observed, capture_layer_inputs, hidden_of, progress, run_layer
+    from pruners.statistics import observe_inputs
+
+    if not desc.startswith("compressing"):
+        return ORIGINAL_RUN(self, context, steps, propagate, desc, run_head)
+    layers = self.layers()
+    dense = inputs = capture_layer_inputs(self.model, layers, self.batches, self.batch_size)
+    rule = context.rule
+    for index in progress(range(len(layers)), desc, self.show_progress):
+        layer = self.layers()[index]
+        dense_out, seen = _capture(layer, dense, {}, {"mlp": layer.get_submodule(rule.mlp)})
+        dense_mid = [hidden_of(*o) - m for o, m in zip(dense_out, seen["mlp"])]  # after attention
+        observed = _observed(context, steps, index)
+        with observe_inputs({n: self.model.get_submodule(n) for n in observed}, observed) as stats:
+            outputs = run_layer(layer, inputs)
+        for each in steps:
+            each.on_layer(context, LayerPass(index, layer, inputs, outputs, stats))
+        layer = self.layers()[index]
+        here = [hidden_of(*i) for i in inputs]
+        attention_out = _last_linear(layer.get_submodule(f"{rule.attention}.{rule.output}"))
+        _, seen = _capture(layer, inputs, {"o": attention_out}, {})
+        _fit_to(attention_out, seen["o"], [d - h for d, h in zip(dense_mid, here)])
+        down = _last_linear(layer.get_submodule(f"{rule.mlp}.{rule.down}"))
+        out, seen = _capture(layer, inputs, {"down": down}, {"mlp": layer.get_submodule(rule.mlp)})
+        middle = [hidden_of(*o) - m for o, m in zip(out, seen["mlp"])]
+        _fit_to(down, seen["down"], [hidden_of(*d) - m for d, m in zip(dense_out, middle)])
+        inputs, dense = run_layer(layer, inputs), dense_out
+
+
+# -- loss-allocation ------------------------------------------------------------------------------------------
+LEVELS, CAP, STEP, WINDOWS = (0.25, 0.5), 0.6, 0.025, 16
+
+
+@dataclass
+class LossAllocation(SharedFraction):
+    """SharedFraction's ranks and targets, at per-sub-layer fractions from measured loss curves."""
+
+    def allocate(self, context):
+        curves = self._curves(context)
+        fractions = self._spend(curves, context.budget)
+        allocation = Allocation()
+        for (index, sublayer), fraction in fractions.items():
+            prefix = context.layer_name(index, sublayer)
+            parent = context.model.get_submodule(prefix)
+            size = sum(p.numel() for p in parent.parameters())
+            allocation.layer_targets[index] = allocation.layer_targets.get(index, 0.0) + fraction * size
+            if sublayer in self.factorized:
+                allocation.ranks.update(self._ranks(parent, prefix, sublayer, context.rule, fraction))
+        context.log("loss-driven fractions: " + ", ".join(f"{i}.{s} {f:.3f}" for (i, s), f in fractions.items()))
+        return allocation
+
+    @torch.no_grad()
+    def _curves(self, context) -> dict[tuple[int, str], tuple[int, list[float]]]:
+        from pruners.pipeline import capture_layer_inputs, hidden_of, run_layer
+        from pruners.statistics import collect_input_statistics, model_head
+
+        model, rule, layers = context.model, context.rule, context.decoder_layers()
+        names = {(i, part): f"{rule.layers}.{i}.{sub}.{part}" for i in range(len(layers))
+                 for sub, part in ((rule.attention, "q_proj"), (rule.attention, rule.output), (rule.mlp, rule.down))}
+        stats = collect_input_statistics(model, context.batches, sorted(set(names.values())), layers=layers,
+                                         progress=False, second_moments=True)
+        windows = context.batches[:WINDOWS]
+        cached, hidden = [], capture_layer_inputs(model, layers, windows, 8)
+        for layer in layers:
+            cached.append(hidden)
+            hidden = run_layer(layer, hidden)
+        head = model_head(model)
+        dense_logp = [torch.log_softmax(head(hidden_of(*h)).float(), -1) for h in hidden]
+
+        def divergence(start: int) -> float:
+            hidden = cached[start]
+            for layer in layers[start:]:
+                hidden = run_layer(layer, hidden)
+            total = sum(F.kl_div(torch.log_softmax(head(hidden_of(*h)).float(), -1), d, log_target=True,
+                                 reduction="sum").item() for h, d in zip(hidden, dense_logp))
+            return total / (windows.shape[0] * windows.shape[1])
+
+        curves = {}
+        for i in context.selection.get("mlp", []):
+            down = layers[i].get_submodule(f"{rule.mlp}.{rule.down}")
+            curves[(i, "mlp")] = self._measure(layers[i].get_submodule(rule.mlp), lambda f: _prune_mlp(
+                down, stats[names[(i, rule.down)]], f), lambda: divergence(i))
+        for i in context.selection.get("self_attn", []):
+            attention = layers[i].get_submodule(rule.attention)
+            curves[(i, "self_attn")] = self._measure(attention, lambda f: _factorize_attention(
+                attention, stats[names[(i, "q_proj")]], stats[names[(i, rule.output)]], f, self.para_allocate),
+                lambda: divergence(i))
+        return curves
+
+    @staticmethod
+    def _measure(module: nn.Module, compress, loss) -> tuple[int, list[float]]:
+        saved = {name: p.detach().clone() for name, p in module.named_parameters()}
+        losses = []
+        for fraction in LEVELS:
+            compress(fraction)
+            losses.append(max(loss(), 0.0))
+            for name, p in module.named_parameters():
+                p.copy_(saved[name])
+        return sum(p.numel() for p in saved.values()), losses
+
+    @staticmethod
+    def _spend(curves, budget: float) -> dict[tuple[int, str], float]:
+        steps = []
+        for key, (size, losses) in curves.items():
+            points = [(0.0, 0.0), *zip(LEVELS, losses)]
+            slopes = [max(b[1] - a[1], 1e-9) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
+            slopes = [max(slopes[: k + 1]) for k in range(len(slopes))]  # convex: never cheaper further on
+            fraction = 0.0
+            while fraction < CAP - 1e-9:
+                segment = min(sum(fraction >= level for level in LEVELS), len(slopes) - 1)
+                steps.append((slopes[segment] / size, key, size))
+                fraction += STEP
+        fractions, spent = {key: 0.0 for key in curves}, 0.0
+        for _, key, size in sorted(steps):
+            if spent >= budget:
+                break
+            fractions[key] += STEP
+            spent += STEP * size
+        return fractions
+
+
+@torch.no_grad()
+def _prune_mlp(down: nn.Linear, stats, fraction: float) -> None:
+    """Zero the Wanda-sp-weakest ``fraction`` of down_proj's columns and refit the rest (a masked removal)."""
+    weight = down.weight.detach().double()
+    scores = weight.abs().sum(0) * stats.squared_norm.sqrt()
+    keep = weight.shape[1] - int(round(fraction * weight.shape[1]))
+    kept = torch.sort(torch.argsort(scores, descending=True)[:keep]).values
+    refit, _ = least_squares_weight(down.weight, stats, kept)
+    new = torch.zeros_like(weight)
+    new[:, kept] = refit
+    down.weight.copy_(new.to(down.weight.dtype))
+
+
+@torch.no_grad()
+def _factorize_attention(attention: nn.Module, input_stats, output_stats, fraction: float, para_allocate: float):
+    """q/k/v/o replaced in place by their AWSVD products at LoRAP's ranks for ``fraction``."""
+    linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+    shapes = [(m.in_features, m.out_features) for m in linears]
+    ranks = shared_rank(shapes, [1, 1, para_allocate, para_allocate], (1 - fraction) * sum(i * o for i, o in shapes))
+    for linear, rank, stats in zip(linears, ranks, [input_stats] * 3 + [output_stats]):
+        if rank < min(linear.in_features, linear.out_features):
+            down, up = factors(linear.weight, rank, "AWSVD", stats)
+            linear.weight.copy_((up @ down).to(linear.weight.dtype))
+
+
+# -- runner ---------------------------------------------------------------------------------------------------
+ORIGINAL_RUN = None
+
+
+def run_one(name: str) -> dict:
+    global ORIGINAL_RUN
+    from corpora import heldout_batches
+    from evaluation import perplexity
+    from evaluation.perplexity import perplexity_on_windows
+    from modelio import load_model_and_tokenizer
+    from pruners import prune_model
+    from pruners.pipeline import LayerPipeline
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    settings = PruneSettings(pruning_ratio=0.2, **BASELINE)
+    lorap = METHODS["lorap"]
+    method = {"obs-channels": replace(lorap, actions=obs_actions),
+              "loss-allocation": replace(lorap, allocator=lambda s: LossAllocation(s.para_allocate))}.get(name, lorap)
+    if name == "dense-targets":
+        ORIGINAL_RUN, LayerPipeline.run = LayerPipeline.run, dense_target_run
+    heldout = heldout_batches(tokenizer, settings.calibration, 64, 128, settings.seed)
+    start = time.perf_counter()
+    report = prune_model(model, tokenizer, settings, log=lambda _: None, method=method)
+    return {"attempt": name, "achieved_ratio": round(report.achieved_ratio, 4),
+            "prune_seconds": round(time.perf_counter() - start), "date": date.today().isoformat(),
+            "heldout_ppl": round(perplexity_on_windows(model, heldout, progress=False), 2),
+            "ppl_wikitext2": round(perplexity(model, tokenizer, "wikitext2", seq_len=128, max_tokens=32768,
+                                              progress=False), 2),
+            "machine": f"{platform.machine()} CPU, 2 threads"}
+
+
+def rows() -> list[dict]:
+    found = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
+    return list({row["attempt"]: row for row in found}.values())
+
+
+def write_table() -> str:
+    measured = sorted(rows(), key=lambda row: ATTEMPTS.index(row["attempt"]))
+    lines = ["Attempts on `lorap-AWSVD-compressed-refit` at 20% of all parameters (`python bench/attempts.py`, "
+             f"{measured[0]['machine'] if measured else ''}, {measured[0]['date'] if measured else ''}); "
+             "held-out: 64 x 128 tokens of held-out calibration text; WT2: first 32,768 tokens, seq 128.", "",
+             "| attempt | removed | held-out PPL | WT2 PPL | prune time (s) |", "|---|---|---|---|---|"]
+    for row in measured:
+        lines.append(f"| {row['attempt']} | {row['achieved_ratio']:.2%} | {row['heldout_ppl']:.2f} | "
+                     f"{row['ppl_wikitext2']:.2f} | {row['prune_seconds']} |")
+    TABLE.write_text("\n".join(lines) + "\n")
+    return TABLE.read_text()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", choices=ATTEMPTS, help=argparse.SUPPRESS)  # the child process's own run
+    parser.add_argument("--only", help="comma list of attempts to (re)run")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the JSONL")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one)))
+        return
+    if not args.table:
+        done = {row["attempt"] for row in rows()}
+        wanted = args.only.split(",") if args.only else [name for name in ATTEMPTS if name not in done]
+        for name in wanted:
+            print(f"{name} ...", flush=True)
+            output = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True,
+                                    text=True).stdout
+            with ROWS.open("a") as handle:
+                handle.write(output.strip().splitlines()[-1] + "\n")
+    print(write_table())
+
+
+if __name__ == "__main__":
+    main()
