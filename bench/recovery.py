@@ -28,9 +28,11 @@ RESULTS = ROOT / "bench" / "results" / "recovery.jsonl"
 TABLE = ROOT / "bench" / "results" / "recovery.md"
 PLOT = ROOT / "docs" / "recovery_loss.png"
 RATIO = 0.2
-# hf_prune.py flags of each method: the default (no flag), LLM-Pruner Taylor and FLAP as in bench/methods.py
+# hf_prune.py flags of each method: LoRAP (the default until 2026-12-02), LLM-Pruner Taylor and FLAP as in
+# bench/methods.py, and the default (no flag: flap_refit)
 METHODS: dict[str, dict] = {
-    "lorap (default)": {},
+    "lorap": {"prune_method": "lorap"},
+    "flap_refit (default)": {},
     "llm_pruner-param_first": RUNS["llm_pruner-param_first"],
     "flap-WIFV-AL-AM-attn+mlp": RUNS["flap-WIFV-AL-AM-attn+mlp"],
     "lorap-AWSVD-refit": RUNS["lorap-AWSVD-refit"],

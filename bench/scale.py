@@ -41,11 +41,12 @@ SHAPES = {
 RUNS = {
     "flap": ["--prune_method", "flap"],
     "taylor": ["--prune_method", "llm_pruner", "--pruner_type", "taylor"],
-    "default": [],
+    "default": [],  # flap_refit since 2026-12-02 (its 512 windows: pass --nsamples on a CPU)
+    "lorap": ["--prune_method", "lorap"],  # the default until 2026-12-02
     # the best candidate on held-out calibration text (bench/select_default.py): least-squares refits at scale
     "flap-refit": ["--prune_method", "flap", "--structure", "AL-AM", "--sublayer", "self_attn,mlp", "--refit", "True"],
 }
-READS_NSAMPLES = ("flap", "default", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
+READS_NSAMPLES = ("flap", "default", "lorap", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SHARD_BYTES = 1 << 30
 
