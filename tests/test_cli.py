@@ -206,8 +206,9 @@ def test_help_shows_every_default():
 
 def test_lorap_table_says_what_a_dash_means_and_how_to_load(tiny_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "lorap"
-    code = hf_prune.main(["--base_model", str(tiny_folder), "--nsamples", "4", "--seq_len", "32",
-                          "--test_before_train", "False", "--test_after_train", "False", "--save_model", str(out)])
+    code = hf_prune.main(["--base_model", str(tiny_folder), "--prune_method", "lorap", "--nsamples", "4",
+                          "--seq_len", "32", "--test_before_train", "False", "--test_after_train", "False",
+                          "--save_model", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "q/k/v/o rank" in printed and hf_prune.RANK_LEGEND in printed
