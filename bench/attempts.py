@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.select_default import append_child_rows  # noqa: E402
 from depgraph import Plan  # noqa: E402
 from pruners import METHODS  # noqa: E402
 from pruners.actions import PruneChannels, record_removals  # noqa: E402
@@ -355,12 +355,7 @@ def main() -> None:
     if not args.table:
         done = {row["attempt"] for row in rows()}
         wanted = args.only.split(",") if args.only else [name for name in ATTEMPTS if name not in done]
-        for name in wanted:
-            print(f"{name} ...", flush=True)
-            output = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True,
-                                    text=True).stdout
-            with ROWS.open("a") as handle:
-                handle.write(output.strip().splitlines()[-1] + "\n")
+        append_child_rows(__file__, wanted, ROWS)
     print(write_table())
 
 

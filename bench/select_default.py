@@ -53,6 +53,16 @@ def run_one(name: str) -> dict:
             "machine": f"{platform.machine()} CPU, 2 threads"}
 
 
+def append_child_rows(script: str, names: list[str], path: Path) -> None:
+    """Run ``script --one NAME`` for each name in a fresh process; append its last printed line (a JSON row)."""
+    for name in names:
+        print(f"{name} ...", flush=True)
+        output = subprocess.run([sys.executable, script, "--one", name], check=True, capture_output=True,
+                                text=True).stdout
+        with path.open("a") as handle:
+            handle.write(output.strip().splitlines()[-1] + "\n")
+
+
 def rows() -> list[dict]:
     found = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
     return list({row["run"]: row for row in found}.values())
@@ -82,12 +92,7 @@ def main() -> None:
         return
     if not args.table:
         done = {row["run"] for row in rows()}
-        for name in (n for n in CANDIDATES if n not in done):
-            print(f"{name} ...", flush=True)
-            output = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True,
-                                    text=True).stdout
-            with ROWS.open("a") as handle:
-                handle.write(output.strip().splitlines()[-1] + "\n")
+        append_child_rows(__file__, [name for name in CANDIDATES if name not in done], ROWS)
     print(write_table())
 
 

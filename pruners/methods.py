@@ -135,6 +135,11 @@ def _llm_pruner_estimator(settings: PruneSettings):
     return kinds[settings.pruner_type]()
 
 
+def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
+    """FLAP's --metrics, standardized per layer for every structure but UL-UM (its AL-MM / AL-AM ranking)."""
+    return ActivationEstimator(settings.metrics, standardize_columns=(settings.structure or "UL-UM") != "UL-UM")
+
+
 def units_allocator(settings: PruneSettings):
     """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention."""
     if settings.remove_heads >= 0 and settings.mode == "block":
@@ -186,8 +191,8 @@ METHODS: dict[str, Composition] = {
     ),
     "flap": Composition(
         "FLAP: fluctuation of o_proj/down_proj inputs, bias compensation (--structure AL-AM for its adaptive ranking)",
-        lambda s: ActivationEstimator(s.metrics, standardize_columns=(s.structure or "UL-UM") != "UL-UM"),
-        units_allocator, compensated_removal, reads=REMOVING | {"metrics", "bias_compensation", "nsamples"},
+        fluctuation_estimator, units_allocator, compensated_removal,
+        reads=REMOVING | {"metrics", "bias_compensation", "nsamples"},
         conditional_reads=_refit_reads,
     ),
     "flap_refit": Composition(
@@ -195,8 +200,7 @@ METHODS: dict[str, Composition] = {
         "across layers and modules (AL-AM) over heads and MLP channels, then a least-squares refit of o_proj / "
         "down_proj on the kept columns (with an intercept), each layer calibrated on the compressed outputs of the "
         "layers before it, on 512 calibration windows",
-        lambda s: ActivationEstimator(s.metrics, standardize_columns=s.structure != "UL-UM"),
-        units_allocator, compensated_removal,
+        fluctuation_estimator, units_allocator, compensated_removal,
         reads=REMOVING | {"metrics", "bias_compensation", "nsamples", "propagate"},
         propagate="compressed",
         defaults={"structure": "AL-AM", "sublayer": "self_attn,mlp", "refit": True, "nsamples": 512},
