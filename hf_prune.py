@@ -24,6 +24,7 @@ from modelio.load import DTYPES, resolve_model_path
 from modelio.save import check_save_target, check_writable
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
+from pruners.loss_allocation import ALLOCATIONS
 from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, preflight
 from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
@@ -111,6 +112,10 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
     parser.add_argument("--refit", type=str_to_bool, default=defaults.refit,
                         help="refit o_proj / down_proj by least squares on the kept columns after heads or MLP "
                              "channels go (block mode; llm_pruner, flap, wanda_sp, mag_sp, lorap)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                        help="how the budget spreads over sub-layers: the method's own rule, or loss: each "
+                             "attention / MLP compressed alone at 25%% and 50%%, the budget spent where the "
+                             "measured KL to the dense model per parameter is lowest (block mode; minutes)")
 
 
 def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:

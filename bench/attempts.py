@@ -15,10 +15,8 @@ tokens, seq 128: for reporting only).
 - ``dense-targets``: o_proj and down_proj refitted towards the dense model's residual stream (the compressed
   layer's inputs, the dense layer's outputs, GPTAQ's asymmetric calibration) instead of towards their own
   outputs on the compressed inputs.
-- ``loss-allocation``: per-sub-layer fractions instead of one shared ratio, from the measured loss: each
-  attention and each MLP compressed alone at 25% and 50% (AWSVD / Wanda-sp with refit), the mean KL divergence
-  from the dense model's next-token distribution on 16 calibration windows, then a greedy over the convex hull
-  of those curves that spends the budget where the loss per parameter is lowest (at most 60% per sub-layer).
+The loss-driven allocation began here as an attempt and is now the library's ``--allocation loss``
+(``pruners.loss_allocation``); its rows are in the method and selection tables.
 """
 from __future__ import annotations
 
@@ -32,7 +30,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +39,12 @@ from depgraph import Plan  # noqa: E402
 from pruners import METHODS  # noqa: E402
 from pruners.actions import PruneChannels, record_removals  # noqa: E402
 from pruners.compensation import removed_input_columns  # noqa: E402
-from pruners.engine import Allocation  # noqa: E402
-from pruners.factorization import factors, shared_rank  # noqa: E402
-from pruners.lorap import SharedFraction  # noqa: E402
 from pruners.methods import PruneSettings, lorap_actions  # noqa: E402
-from pruners.refit import least_squares_weight  # noqa: E402
 
 ROWS = ROOT / "bench" / "results" / "attempts.jsonl"
 TABLE = ROOT / "bench" / "results" / "attempts.md"
 BASELINE = {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True, "propagate": "compressed"}
-ATTEMPTS = ("baseline", "obs-channels", "dense-targets", "loss-allocation")
+ATTEMPTS = ("baseline", "obs-channels", "dense-targets")
 DAMPING = 1e-4  # relative to the mean diagonal, as pruners.refit
 
 
@@ -176,123 +169,6 @@ def dense_target_run(self, context, steps, propagate="dense", desc="", run_head=
         inputs, dense = run_layer(layer, inputs), dense_out
 
 
-# -- loss-allocation ------------------------------------------------------------------------------------------
-LEVELS, CAP, STEP, WINDOWS = (0.25, 0.5), 0.6, 0.025, 16
-
-
-@dataclass
-class LossAllocation(SharedFraction):
-    """SharedFraction's ranks and targets, at per-sub-layer fractions from measured loss curves."""
-
-    def allocate(self, context):
-        curves = self._curves(context)
-        fractions = self._spend(curves, context.budget)
-        allocation = Allocation()
-        for (index, sublayer), fraction in fractions.items():
-            prefix = context.layer_name(index, sublayer)
-            parent = context.model.get_submodule(prefix)
-            size = sum(p.numel() for p in parent.parameters())
-            allocation.layer_targets[index] = allocation.layer_targets.get(index, 0.0) + fraction * size
-            if sublayer in self.factorized:
-                allocation.ranks.update(self._ranks(parent, prefix, sublayer, context.rule, fraction))
-        context.log("loss-driven fractions: " + ", ".join(f"{i}.{s} {f:.3f}" for (i, s), f in fractions.items()))
-        return allocation
-
-    @torch.no_grad()
-    def _curves(self, context) -> dict[tuple[int, str], tuple[int, list[float]]]:
-        from pruners.pipeline import capture_layer_inputs, hidden_of, run_layer
-        from pruners.statistics import collect_input_statistics, model_head
-
-        model, rule, layers = context.model, context.rule, context.decoder_layers()
-        names = {(i, part): f"{rule.layers}.{i}.{sub}.{part}" for i in range(len(layers))
-                 for sub, part in ((rule.attention, "q_proj"), (rule.attention, rule.output), (rule.mlp, rule.down))}
-        stats = collect_input_statistics(model, context.batches, sorted(set(names.values())), layers=layers,
-                                         progress=False, second_moments=True)
-        windows = context.batches[:WINDOWS]
-        cached, hidden = [], capture_layer_inputs(model, layers, windows, 8)
-        for layer in layers:
-            cached.append(hidden)
-            hidden = run_layer(layer, hidden)
-        head = model_head(model)
-        dense_logp = [torch.log_softmax(head(hidden_of(*h)).float(), -1) for h in hidden]
-
-        def divergence(start: int) -> float:
-            hidden = cached[start]
-            for layer in layers[start:]:
-                hidden = run_layer(layer, hidden)
-            total = sum(F.kl_div(torch.log_softmax(head(hidden_of(*h)).float(), -1), d, log_target=True,
-                                 reduction="sum").item() for h, d in zip(hidden, dense_logp))
-            return total / (windows.shape[0] * windows.shape[1])
-
-        curves = {}
-        for i in context.selection.get("mlp", []):
-            down = layers[i].get_submodule(f"{rule.mlp}.{rule.down}")
-            curves[(i, "mlp")] = self._measure(layers[i].get_submodule(rule.mlp), lambda f: _prune_mlp(
-                down, stats[names[(i, rule.down)]], f), lambda: divergence(i))
-        for i in context.selection.get("self_attn", []):
-            attention = layers[i].get_submodule(rule.attention)
-            curves[(i, "self_attn")] = self._measure(attention, lambda f: _factorize_attention(
-                attention, stats[names[(i, "q_proj")]], stats[names[(i, rule.output)]], f, self.para_allocate),
-                lambda: divergence(i))
-        return curves
-
-    @staticmethod
-    def _measure(module: nn.Module, compress, loss) -> tuple[int, list[float]]:
-        saved = {name: p.detach().clone() for name, p in module.named_parameters()}
-        losses = []
-        for fraction in LEVELS:
-            compress(fraction)
-            losses.append(max(loss(), 0.0))
-            for name, p in module.named_parameters():
-                p.copy_(saved[name])
-        return sum(p.numel() for p in saved.values()), losses
-
-    @staticmethod
-    def _spend(curves, budget: float) -> dict[tuple[int, str], float]:
-        steps = []
-        for key, (size, losses) in curves.items():
-            points = [(0.0, 0.0), *zip(LEVELS, losses)]
-            slopes = [max(b[1] - a[1], 1e-9) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
-            slopes = [max(slopes[: k + 1]) for k in range(len(slopes))]  # convex: never cheaper further on
-            fraction = 0.0
-            while fraction < CAP - 1e-9:
-                segment = min(sum(fraction >= level for level in LEVELS), len(slopes) - 1)
-                steps.append((slopes[segment] / size, key, size))
-                fraction += STEP
-        fractions, spent = {key: 0.0 for key in curves}, 0.0
-        for _, key, size in sorted(steps):
-            if spent >= budget:
-                break
-            fractions[key] += STEP
-            spent += STEP * size
-        return fractions
-
-
-@torch.no_grad()
-def _prune_mlp(down: nn.Linear, stats, fraction: float) -> None:
-    """Zero the Wanda-sp-weakest ``fraction`` of down_proj's columns and refit the rest (a masked removal)."""
-    weight = down.weight.detach().double()
-    scores = weight.abs().sum(0) * stats.squared_norm.sqrt()
-    keep = weight.shape[1] - int(round(fraction * weight.shape[1]))
-    kept = torch.sort(torch.argsort(scores, descending=True)[:keep]).values
-    refit, _ = least_squares_weight(down.weight, stats, kept)
-    new = torch.zeros_like(weight)
-    new[:, kept] = refit
-    down.weight.copy_(new.to(down.weight.dtype))
-
-
-@torch.no_grad()
-def _factorize_attention(attention: nn.Module, input_stats, output_stats, fraction: float, para_allocate: float):
-    """q/k/v/o replaced in place by their AWSVD products at LoRAP's ranks for ``fraction``."""
-    linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-    shapes = [(m.in_features, m.out_features) for m in linears]
-    ranks = shared_rank(shapes, [1, 1, para_allocate, para_allocate], (1 - fraction) * sum(i * o for i, o in shapes))
-    for linear, rank, stats in zip(linears, ranks, [input_stats] * 3 + [output_stats]):
-        if rank < min(linear.in_features, linear.out_features):
-            down, up = factors(linear.weight, rank, "AWSVD", stats)
-            linear.weight.copy_((up @ down).to(linear.weight.dtype))
-
-
 # -- runner ---------------------------------------------------------------------------------------------------
 ORIGINAL_RUN = None
 
@@ -310,8 +186,7 @@ def run_one(name: str) -> dict:
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     settings = PruneSettings(pruning_ratio=0.2, **BASELINE)
     lorap = METHODS["lorap"]
-    method = {"obs-channels": replace(lorap, actions=obs_actions),
-              "loss-allocation": replace(lorap, allocator=lambda s: LossAllocation(s.para_allocate))}.get(name, lorap)
+    method = replace(lorap, actions=obs_actions) if name == "obs-channels" else lorap
     if name == "dense-targets":
         ORIGINAL_RUN, LayerPipeline.run = LayerPipeline.run, dense_target_run
     heldout = heldout_batches(tokenizer, settings.calibration, 64, 128, settings.seed)

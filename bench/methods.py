@@ -80,6 +80,12 @@ RUNS: dict[str, dict] = {
     "lorap-AWSVD-compressed-refit-512": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
                                          "propagate": "compressed", "nsamples": 512},
     "flap_refit": {"prune_method": "flap_refit"},
+    # the budget spread by measured loss curves instead of the method's rule (--allocation loss)
+    "lorap-AWSVD-compressed-refit-loss": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
+                                          "propagate": "compressed", "allocation": "loss"},
+    "lorap-AWSVD-compressed-refit-loss-512": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
+                                              "propagate": "compressed", "allocation": "loss", "nsamples": 512},
+    "flap_refit-loss": {"prune_method": "flap_refit", "allocation": "loss"},
 }
 RATIOS = (0.2, 0.5)
 

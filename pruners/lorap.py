@@ -34,27 +34,31 @@ class SharedFraction:
     by_size: bool = False  # True: every matrix keeps the same fraction of its parameters (SVD-LLM's ratio)
 
     def allocate(self, context):
-        from pruners.engine import Allocation
-
-        model, rule = context.model, context.rule
-        selected = selected_parameters(model, rule, context.selection)
+        selected = selected_parameters(context.model, context.rule, context.selection)
         if context.budget > selected:
             raise ValueError(f"the budget ({context.budget:,}) exceeds the selected sub-layers ({selected:,} "
                              "parameters): lower --pruning_ratio or select more layers")
         fraction = context.budget / selected if selected else 0.0
         context.log(f"LoRAP: compressing the selected sub-layers by {fraction:.1%} of their parameters")
+        return self.allocation_at(context, {(index, sublayer): fraction for sublayer in ("self_attn", "mlp")
+                                            for index in context.selection.get(sublayer, [])})
+
+    def allocation_at(self, context, fractions: dict[tuple[int, str], float]):
+        """Ranks and per-layer targets for a fraction per sub-layer ((layer, "self_attn" / "mlp") -> fraction of
+        its parameters); ``allocate`` gives every selected one the same."""
+        from pruners.engine import Allocation
+
         allocation = Allocation()
-        for sublayer in ("self_attn", "mlp"):
-            for index in context.selection.get(sublayer, []):
-                prefix = context.layer_name(index, sublayer)
-                parent = model.get_submodule(prefix)
-                allocation.layer_targets[index] = (allocation.layer_targets.get(index, 0.0)
-                                                   + fraction * _parameters(parent))
-                if sublayer in self.factorized:
-                    allocation.ranks.update(self._ranks(parent, prefix, sublayer, rule, fraction))
+        for (index, sublayer), fraction in fractions.items():
+            prefix = context.layer_name(index, sublayer)
+            parent = context.model.get_submodule(prefix)
+            allocation.layer_targets[index] = allocation.layer_targets.get(index, 0.0) + fraction * _parameters(parent)
+            if sublayer in self.factorized:
+                allocation.ranks.update(self.ranks_at(parent, prefix, sublayer, context.rule, fraction))
         return allocation
 
-    def _ranks(self, parent: nn.Module, prefix: str, sublayer: str, rule, fraction: float) -> dict[str, int]:
+    def ranks_at(self, parent: nn.Module, prefix: str, sublayer: str, rule, fraction: float) -> dict[str, int]:
+        """The ranks of a sub-layer's projections (full name -> rank) that remove ``fraction`` of its parameters."""
         groups = rule.attention_inputs if sublayer == "self_attn" else rule.mlp_inputs
         favoured = rule.value_path if sublayer == "self_attn" else ()
         names = [name for group in groups for name in group]

@@ -21,6 +21,7 @@ from pruners.estimators import (ActivationEstimator, BlockInfluence, MagnitudeEs
                                 TaylorEstimator, Uniform)
 from pruners.flatllm import ImportancePreserving, KeepChannelsRefit, RotateValues
 from pruners.lorap import SharedFraction
+from pruners.loss_allocation import ALLOCATIONS, LossDriven
 from pruners.pipeline import PROPAGATIONS, LayerPipeline
 from pruners.refit import Refit
 from pruners.record import ActionRecord
@@ -67,6 +68,9 @@ class PruneSettings:
     # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode;
     # None: the method's)
     refit: bool | None = None
+    # how the budget is spread: "method" (its own rule: LoRAP's shared fraction, --structure, ...) or "loss"
+    # (per sub-layer from measured loss curves, pruners.loss_allocation; None: the method's)
+    allocation: str | None = None
     # keep resident memory near one layer: memory-mapped weights are handed back after use, Taylor takes one
     # checkpointed backward whose gradients are reduced and freed weight by weight (same plan, less memory)
     low_memory: bool = False
@@ -141,10 +145,30 @@ def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
 
 
 def units_allocator(settings: PruneSettings):
-    """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention."""
+    """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention; with --allocation loss
+    per-space shares from measured loss curves."""
+    if settings.allocation == "loss":
+        return LossDriven(ByUnits("UL-UM", settings.round_to), refit=bool(settings.refit))
     if settings.remove_heads >= 0 and settings.mode == "block":
         return FixedHeads(settings.remove_heads, settings.round_to)
     return ByUnits(settings.structure or "UL-UM", settings.round_to)
+
+
+def lorap_allocator(settings: PruneSettings):
+    """LoRAP's shared fraction (ranks differentiated by --para_allocate), or per-sub-layer fractions from
+    measured loss curves (--allocation loss)."""
+    factorized = ("self_attn", "mlp") if settings.mlp_compress_method == "decom" else ("self_attn",)
+    shared = SharedFraction(settings.para_allocate, factorized)
+    if settings.allocation != "loss":
+        return shared
+    return LossDriven(shared, settings.deco_method, bool(settings.refit),
+                      score_space=ActivationEstimator(settings.mlp_metric).score_space)
+
+
+def svd_llm_allocator(settings: PruneSettings):
+    """Every matrix keeps the same fraction of its parameters, or (--allocation loss) every sub-layer its own."""
+    shared = SharedFraction(1.0, ("self_attn", "mlp"), by_size=True)
+    return LossDriven(shared, "SVDLLM") if settings.allocation == "loss" else shared
 
 
 def removal(settings: PruneSettings) -> list:
@@ -181,7 +205,7 @@ def lorap_actions(settings: PruneSettings) -> list:
     return actions + [PruneChannels(ActivationEstimator(settings.mlp_metric), settings.round_to, settings.refit)]
 
 
-REMOVING = frozenset({"structure", "gqa_policy", "remove_heads", "round_to", "refit"})
+REMOVING = frozenset({"structure", "gqa_policy", "remove_heads", "round_to", "refit", "allocation"})
 METHODS: dict[str, Composition] = {
     "llm_pruner": Composition(
         "LLM-Pruner: gradient Taylor (or l1/l2/random) importance, uniform ratio per layer",
@@ -216,12 +240,10 @@ METHODS: dict[str, Composition] = {
     ),
     "lorap": Composition(
         "LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
-        lambda s: Uniform(),
-        lambda s: SharedFraction(s.para_allocate, ("self_attn", "mlp") if s.mlp_compress_method == "decom"
-                                 else ("self_attn",)),
-        lorap_actions, select=mlp_channel_spaces, modes=("block",), sublayer="self_attn,mlp",
+        lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
+        sublayer="self_attn,mlp",
         reads=frozenset({"deco_method", "para_allocate", "mlp_compress_method", "mlp_metric", "real_com",
-                         "nsamples", "round_to", "propagate", "refit"}),
+                         "nsamples", "round_to", "propagate", "refit", "allocation"}),
     ),
     "flatllm": Composition(
         "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
@@ -232,10 +254,10 @@ METHODS: dict[str, Composition] = {
     ),
     "svd_llm": Composition(
         "SVD-LLM: truncation-aware whitened SVD of every attention and MLP projection, each keeping the same fraction",
-        lambda s: Uniform(), lambda s: SharedFraction(1.0, ("self_attn", "mlp"), by_size=True),
+        lambda s: Uniform(), svd_llm_allocator,
         lambda s: [Factorize("self_attn", "SVDLLM", s.real_com), Factorize("mlp", "SVDLLM", s.real_com)],
         select=no_spaces, modes=("block",), sublayer="self_attn,mlp",
-        reads=frozenset({"real_com", "nsamples", "propagate"}),
+        reads=frozenset({"real_com", "nsamples", "propagate", "allocation"}),
     ),
     "layer_wise": Composition(
         "ShortGPT-style layer removal: the decoder layers of lowest block influence go first",
@@ -249,7 +271,9 @@ COMMON_SETTINGS = frozenset({"prune_method", "pruning_ratio", "calibration", "se
                              "low_memory"})
 BLOCK_SETTINGS = frozenset({"sublayer", "block_attention_layer_start", "block_attention_layer_end",
                             "block_mlp_layer_start", "block_mlp_layer_end"})
-NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads", "refit"})
+NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads", "refit", "allocation"})
+# what a measured allocation replaces: the rule's own spreading
+NOT_WITH_LOSS_ALLOCATION = frozenset({"structure", "remove_heads"})
 
 
 def composition_of(settings: PruneSettings) -> Composition:
@@ -273,7 +297,10 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
                          f"{' or '.join(composition.modes)}-wise): use --prune_method {' or '.join(able)}")
     if settings.propagate is not None and settings.propagate not in PROPAGATIONS:
         raise ValueError(f"unknown --propagate {settings.propagate}: choose from {', '.join(PROPAGATIONS)}")
-    return replace(settings, mode=mode, sublayer=settings.sublayer or composition.sublayer,
+    if settings.allocation is not None and settings.allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown --allocation {settings.allocation}: choose from {', '.join(ALLOCATIONS)}")
+    return replace(settings, mode=mode, allocation=settings.allocation or "method",
+                   sublayer=settings.sublayer or composition.sublayer,
                    propagate=settings.propagate or composition.propagate, refit=bool(settings.refit),
                    nsamples=NSAMPLES if settings.nsamples is None else settings.nsamples)
 
@@ -286,6 +313,8 @@ def unread_settings(settings: PruneSettings, composition: Composition | None = N
              | (BLOCK_SETTINGS if mode == "block" else frozenset()))
     if mode != "block":
         reads = reads - NOT_IN_CHANNEL_MODE
+    if (settings.allocation or composition.defaults.get("allocation")) == "loss" and "allocation" in reads:
+        reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples"}  # the curves' windows
     defaults = PruneSettings()
     return [f.name for f in fields(PruneSettings)
             if f.name not in reads and getattr(settings, f.name) != getattr(defaults, f.name)]
@@ -411,7 +440,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     spaces = composition.select(graph, settings, selection)
     record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=asdict(settings))
     if budget:
-        batches = _calibration(tokenizer, settings, composition.samples(settings), batches)
+        samples = max(composition.samples(settings), settings.nsamples if settings.allocation == "loss" else 0)
+        batches = _calibration(tokenizer, settings, samples, batches)
         rule = graph.rule
         pipeline = None if batches is None else LayerPipeline(
             model, lambda: rule.decoder_layers(model), batches, head=lambda: model_head(model), device=device,

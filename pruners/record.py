@@ -1,7 +1,7 @@
 """The record of a compression run: every action, in the order it was taken.
 
-Removals (elements of a space, whole layers), factorizations (module, rank, method), value rotations,
-least-squares refits and bias compensations. It is returned in the report, printed as the per-layer table,
+Measured allocations (the loss-driven fractions and their curves), removals (elements of a space, whole
+layers), factorizations (module, rank, method), value rotations, least-squares refits and bias compensations. It is returned in the report, printed as the per-layer table,
 saved beside the model as readable JSON (``compression_record.json``), and read back by recovery, which
 re-factorizes at the recorded ranks.
 """
@@ -17,7 +17,7 @@ from depgraph import Plan
 RECORD_FILE = "compression_record.json"
 FORMAT = "structprune-record"
 VERSION = 1
-ACTIONS = ("remove", "remove_layers", "factorize", "rotate", "refit", "compensate_bias")
+ACTIONS = ("allocate", "remove", "remove_layers", "factorize", "rotate", "refit", "compensate_bias")
 
 
 @dataclass

@@ -1,0 +1,255 @@
+"""Allocation of the budget from measured loss (``--allocation loss``), around any method's own allocator.
+
+A method's own allocation spreads the budget by a rule: LoRAP one shared fraction of every sub-layer, FLAP
+standardized scores compared across layers, LLM-Pruner one ratio per layer. This one measures instead. Each
+selected sub-layer (an attention or an MLP; a head or channel space for the unit methods) is compressed
+alone, the way the method would compress it, at a few fractions (``levels``), on the dense model; the cost of
+each is the mean KL divergence of the model's next-token distribution from the dense one on a few
+calibration windows (the layers from that one on run again on cached inputs). The budget then goes, one
+``step`` of a sub-layer at a time, where the loss per parameter is lowest, on the convex hull of each curve
+(so a sub-layer never looks cheaper further on), at most ``cap`` of any sub-layer. The fractions become the
+inner allocator's: LoRAP's ranks and per-layer targets, or the per-space shares of the unit allocation.
+
+The curves cost about ``2 x levels x (layers / 2)`` layer passes per sub-layer on ``windows`` windows: several
+minutes on SmolLM2 on two CPU threads, against the seconds of a rule.
+
+Why KL to the dense model and not the cross-entropy of the next token: at a 25% cut of one sub-layer, the
+change of cross-entropy on a few thousand tokens is a few thousandths of a nat, at the level of its noise; the
+divergence from the dense distribution is positive and far steadier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depgraph import Plan, Space
+from pruners.allocation import ByUnits, allocate, units_of
+from pruners.compensation import removed_input_columns
+from pruners.factorization import factors, saves_parameters
+from pruners.lorap import SharedFraction
+from pruners.pipeline import capture_layer_inputs, hidden_of, run_layer
+from pruners.refit import least_squares_weight
+from pruners.statistics import InputStatistics, collect_input_statistics, model_head
+
+ALLOCATIONS = ("method", "loss")  # the method's own rule, or measured loss curves
+LEVELS = (0.25, 0.5)
+CAP = 0.6
+STEP = 0.025
+WINDOWS = 16  # calibration windows the divergence is measured on
+STATISTIC_WINDOWS = 128  # at most this many windows for the probes' (dense) input statistics
+
+
+@dataclass
+class Curve:
+    """The measured cost of compressing one sub-layer alone: ``losses[k]`` at fraction ``levels[k]`` of its
+    ``size`` parameters; it starts ``layer``'s re-run."""
+
+    layer: int
+    size: int
+    losses: list[float]
+
+
+class Divergence:
+    """KL(dense || model) per token on ``windows``, re-running only the decoder layers from ``start`` on."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int = 8):
+        self.layers, self.head, self.tokens = layers, model_head(model), windows.numel()
+        hidden = capture_layer_inputs(model, layers, windows, batch_size)
+        self.inputs = []
+        for layer in layers:
+            self.inputs.append(hidden)
+            hidden = run_layer(layer, hidden)
+        self.dense = [self._log_probs(h) for h in hidden]
+
+    def _log_probs(self, inputs: tuple[tuple, dict]) -> torch.Tensor:
+        return torch.log_softmax(self.head(hidden_of(*inputs)).float(), -1)
+
+    @torch.no_grad()
+    def __call__(self, start: int) -> float:
+        hidden = self.inputs[start]
+        for layer in self.layers[start:]:
+            hidden = run_layer(layer, hidden)
+        total = sum(F.kl_div(self._log_probs(h), dense, log_target=True, reduction="sum").item()
+                    for h, dense in zip(hidden, self.dense))
+        return max(total / self.tokens, 0.0)
+
+
+@torch.no_grad()
+def measure_curve(module: nn.Module, layer: int, size: int, compress: Callable[[float], None],
+                  divergence: Callable[[int], float], levels: tuple[float, ...] = LEVELS) -> Curve:
+    """Compress ``module`` in place at each level, measure, and put its weights back."""
+    saved = {name: p.detach().clone() for name, p in module.named_parameters()}
+    losses = []
+    for fraction in levels:
+        compress(fraction)
+        losses.append(divergence(layer))
+        for name, p in module.named_parameters():
+            p.copy_(saved[name])
+    return Curve(layer, size, losses)
+
+
+def spend(curves: dict[object, Curve], budget: float, levels: tuple[float, ...] = LEVELS, cap: float = CAP,
+          step: float = STEP) -> dict[object, float]:
+    """Fractions per curve that remove about ``budget`` parameters where the loss per parameter is lowest.
+
+    Each curve is linear between (0, 0) and its measured points, and made convex (a segment is never cheaper
+    than the one before it), so taking steps cheapest first fills every sub-layer from 0 upwards; a step that
+    would overshoot the budget by more than half of itself is not taken (nor the later ones of its curve).
+    The cap rises when the budget needs more than ``cap`` of everything."""
+    total = sum(curve.size for curve in curves.values())
+    if budget <= 0 or not total:
+        return {key: 0.0 for key in curves}
+    cap = min(1.0, max(cap, budget / total + step))
+    steps = []
+    for key, curve in curves.items():
+        points = [(0.0, 0.0), *zip(levels, curve.losses)]
+        slopes = [max(b[1] - a[1], 1e-12) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
+        slopes = list(np.maximum.accumulate(slopes))
+        for k in range(int(round(cap / step))):
+            segment = min(sum(k * step >= level - 1e-9 for level in levels), len(slopes) - 1)
+            steps.append((slopes[segment] / curve.size, k, str(key), key))
+    fractions, spent, closed = {key: 0.0 for key in curves}, 0.0, set()
+    for _, _, _, key in sorted(steps, key=lambda entry: entry[:3]):
+        size = step * curves[key].size
+        if key in closed or spent + size / 2 > budget:  # a step that would overshoot by more than half of it
+            closed.add(key)  # ... and the steps after it on the same curve stay untaken
+            continue
+        fractions[key] += step
+        spent += size
+    return fractions
+
+
+# -- probes: a sub-layer compressed the way the method compresses it, in place (the weights keep their shapes)
+
+
+@torch.no_grad()
+def mask_units(model: nn.Module, graph, space: Space, scores: np.ndarray, fraction: float,
+               statistics: dict[str, InputStatistics], refit: bool) -> None:
+    """Zero the input columns of the weakest units of ``space`` worth ``fraction`` of its parameters in the
+    linears reading it (o_proj for heads, down_proj for channels), after a least-squares refit with ``refit``:
+    the outputs are those of the removal (without an intercept: the probe adds no bias)."""
+    share, chosen, spent = fraction * space.parameter_count(0) * space.size, [], 0
+    for unit in units_of(space, scores, graph.layer_of(space)):
+        if spent + unit.params > share:
+            break
+        chosen.extend(unit.elements)
+        spent += unit.params
+    for name, columns in removed_input_columns(graph, Plan(remove={space.name: chosen})).items():
+        linear = model.get_submodule(name)
+        kept = torch.as_tensor(sorted(set(range(linear.in_features)) - set(columns)), dtype=torch.long)
+        weight = torch.zeros_like(linear.weight)
+        if refit:
+            weight[:, kept] = least_squares_weight(linear.weight, statistics[name], kept)[0].to(weight.dtype)
+        else:
+            weight[:, kept] = linear.weight[:, kept]
+        linear.weight.copy_(weight)
+
+
+@torch.no_grad()
+def factorize_in_place(parent: nn.Module, ranks: dict[str, int], method: str,
+                       statistics: dict[str, InputStatistics]) -> None:
+    """Write each projection of ``parent`` (name -> rank) back as its low-rank product."""
+    for name, rank in ranks.items():
+        linear = parent.get_submodule(name)
+        if saves_parameters(linear, rank):
+            down, up = factors(linear.weight, rank, method, statistics.get(name))
+            linear.weight.copy_((up @ down).to(linear.weight.dtype))
+
+
+ScoreSpace = Callable[[object, Space, dict[str, InputStatistics]], np.ndarray]
+
+
+@dataclass
+class LossDriven:
+    """``inner``'s allocation (``SharedFraction`` or ``ByUnits``) at fractions from measured loss curves.
+
+    ``deco_method``: how factorized sub-layers are probed; ``refit``: whether unit probes refit the consuming
+    linear; ``score_space``: how units are ranked in a probe (None: the estimator's scores, ``context.scores``)."""
+
+    inner: SharedFraction | ByUnits
+    deco_method: str = "AWSVD"
+    refit: bool = False
+    score_space: ScoreSpace | None = None
+    levels: tuple[float, ...] = LEVELS
+    cap: float = CAP
+    step: float = STEP
+    windows: int = WINDOWS
+
+    def capacity(self, graph, spaces, selection, settings) -> int:
+        return self.inner.capacity(graph, spaces, selection, settings)
+
+    def allocate(self, context):
+        curves = self.curves(context)
+        budget = context.budget if isinstance(self.inner, SharedFraction) else context.removable()
+        fractions = spend(curves, budget, self.levels, self.cap, self.step)
+        context.record.add("allocate", method="loss curves", levels=list(self.levels), windows=self.windows,
+                           fractions={_label(key): round(f, 4) for key, f in fractions.items()},
+                           losses={_label(key): [round(v, 6) for v in c.losses] for key, c in curves.items()})
+        context.log("loss-driven fractions: " + ", ".join(f"{_label(k)} {f:.3f}" for k, f in fractions.items()))
+        if isinstance(self.inner, SharedFraction):
+            return self.inner.allocation_at(context, fractions)
+        from pruners.engine import Allocation
+
+        names = {(context.graph.layer_of(space), _sublayer_of(space)): space.name for space in context.spaces}
+        shares = {names[key]: fraction * curves[key].size for key, fraction in fractions.items()}
+        plan = allocate(context.graph, context.spaces, context.scores, budget, "UL-UM", self.inner.round_to,
+                        shares=shares)
+        return Allocation(plan=plan)
+
+    def curves(self, context) -> dict[object, Curve]:
+        """One curve per sub-layer, (layer, "self_attn" / "mlp"): factorized (the inner allocator's
+        ``factorized``), or pruned by units (a selected head or channel space)."""
+        model, graph, rule, layers = context.model, context.graph, context.rule, context.decoder_layers()
+        factorized = getattr(self.inner, "factorized", ())
+        probes: dict[object, tuple[nn.Module, int, int, Callable[[float], None]]] = {}
+        readers = {name for space in context.spaces for name in removed_input_columns(
+            graph, Plan(remove={space.name: [0]}))}
+        sources = {}
+        for sublayer in factorized:
+            for index in context.selection.get(sublayer, []):
+                groups = rule.attention_inputs if sublayer == "self_attn" else rule.mlp_inputs
+                prefix = context.layer_name(index, sublayer)
+                sources.update({f"{prefix}.{name}": f"{prefix}.{group[0]}" for group in groups for name in group})
+        windows = context.batches[: min(len(context.batches), STATISTIC_WINDOWS)]
+        stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
+                                         progress=False, second_moments=True)
+        for sublayer in factorized:
+            for index in context.selection.get(sublayer, []):
+                prefix = context.layer_name(index, sublayer)
+                parent = model.get_submodule(prefix)
+
+                def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer):
+                    ranks = self.inner.ranks_at(parent, prefix, sublayer, rule, fraction)
+                    local = {name[len(prefix) + 1:]: rank for name, rank in ranks.items()}
+                    factorize_in_place(parent, local, self.deco_method,
+                                       {name[len(prefix) + 1:]: stats[sources[name]] for name in ranks})
+                probes[(index, sublayer)] = (parent, index, sum(p.numel() for p in parent.parameters()), compress)
+        for space in context.spaces:
+            index = graph.layer_of(space)
+            scores = (self.score_space(graph, space, stats) if self.score_space is not None
+                      else context.scores[space.name])
+            parent = model.get_submodule(context.layer_name(index, _sublayer_of(space)))
+
+            def compress(fraction, space=space, scores=scores):
+                mask_units(model, graph, space, scores, fraction, stats, self.refit)
+            probes[(index, _sublayer_of(space))] = (parent, index, space.parameter_count(0) * space.size, compress)
+        divergence = Divergence(model, layers, context.batches[: self.windows])
+        from pruners.pipeline import progress
+
+        return {key: measure_curve(module, index, size, compress, divergence, self.levels)
+                for key, (module, index, size, compress) in progress(probes.items(), "loss curves",
+                                                                     total=len(probes))}
+
+
+def _sublayer_of(space: Space) -> str:
+    return "mlp" if space.kind == "channels" else "self_attn"
+
+
+def _label(key: tuple[int, str]) -> str:
+    return f"{key[0]}.{key[1]}"
