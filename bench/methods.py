@@ -86,6 +86,8 @@ RUNS: dict[str, dict] = {
     "lorap-AWSVD-compressed-refit-loss-512": {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True,
                                               "propagate": "compressed", "allocation": "loss", "nsamples": 512},
     "flap_refit-loss": {"prune_method": "flap_refit", "allocation": "loss"},
+    "lorap-SVDLLM-compressed-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                      "propagate": "compressed"},
 }
 RATIOS = (0.2, 0.5)
 

@@ -30,7 +30,8 @@ TABLE = ROOT / "bench" / "results" / "selection.md"
 CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit", "flap-WIFV-AL-AM-attn+mlp-refit",
               "llm_pruner-param_first-refit", "flap-WIFV-AL-AM-attn+mlp-refit-compressed",
               "flap-WIFV-AL-AM-attn+mlp-refit-512", "lorap-AWSVD-compressed-refit-512", "flap_refit",
-              "lorap-AWSVD-compressed-refit-loss", "flap_refit-loss", "lorap-AWSVD-compressed-refit-loss-512")
+              "lorap-AWSVD-compressed-refit-loss", "flap_refit-loss", "lorap-AWSVD-compressed-refit-loss-512",
+              "lorap-SVDLLM-compressed-refit")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 

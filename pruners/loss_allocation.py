@@ -46,12 +46,14 @@ STATISTIC_WINDOWS = 128  # at most this many windows for the probes' (dense) inp
 
 @dataclass
 class Curve:
-    """The measured cost of compressing one sub-layer alone: ``losses[k]`` at fraction ``levels[k]`` of its
-    ``size`` parameters; it starts ``layer``'s re-run."""
+    """The measured cost of compressing one sub-layer alone: ``losses[k]`` with ``fractions[k]`` of its ``size``
+    parameters removed (what the probe could remove: whole units, for heads a third of them at a time on
+    SmolLM2); it starts ``layer``'s re-run."""
 
     layer: int
     size: int
     losses: list[float]
+    fractions: list[float]
 
 
 class Divergence:
@@ -81,24 +83,27 @@ class Divergence:
 
 
 @torch.no_grad()
-def measure_curve(module: nn.Module, layer: int, size: int, compress: Callable[[float], None],
+def measure_curve(module: nn.Module, layer: int, size: int, compress: Callable[[float], float],
                   divergence: Callable[[int], float], levels: tuple[float, ...] = LEVELS) -> Curve:
-    """Compress ``module`` in place at each level, measure, and put its weights back."""
+    """Compress ``module`` in place at each level (``compress`` returns the fraction it removed), measure, and
+    put its weights back. Levels that come out the same fraction are measured once."""
     saved = {name: p.detach().clone() for name, p in module.named_parameters()}
-    losses = []
-    for fraction in levels:
-        compress(fraction)
+    losses, fractions = [], []
+    for level in levels:
+        removed = compress(level)
+        if removed <= 1e-9 or (fractions and removed <= fractions[-1] + 1e-9):
+            continue
+        fractions.append(removed)
         losses.append(divergence(layer))
         for name, p in module.named_parameters():
             p.copy_(saved[name])
-    return Curve(layer, size, losses)
+    return Curve(layer, size, losses, fractions)
 
 
-def spend(curves: dict[object, Curve], budget: float, levels: tuple[float, ...] = LEVELS, cap: float = CAP,
-          step: float = STEP) -> dict[object, float]:
+def spend(curves: dict[object, Curve], budget: float, cap: float = CAP, step: float = STEP) -> dict[object, float]:
     """Fractions per curve that remove about ``budget`` parameters where the loss per parameter is lowest.
 
-    Each curve is linear between (0, 0) and its measured points, and made convex (a segment is never cheaper
+    Each curve is linear between (0, 0) and its measured points (the last slope goes on), and made convex (a segment is never cheaper
     than the one before it), so taking steps cheapest first fills every sub-layer from 0 upwards; a step that
     would overshoot the budget by more than half of itself is not taken (nor the later ones of its curve).
     The cap rises when the budget needs more than ``cap`` of everything."""
@@ -108,11 +113,13 @@ def spend(curves: dict[object, Curve], budget: float, levels: tuple[float, ...] 
     cap = min(1.0, max(cap, budget / total + step))
     steps = []
     for key, curve in curves.items():
-        points = [(0.0, 0.0), *zip(levels, curve.losses)]
+        if not curve.fractions:  # nothing could be removed: no steps
+            continue
+        points = [(0.0, 0.0), *zip(curve.fractions, curve.losses)]
         slopes = [max(b[1] - a[1], 1e-12) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
         slopes = list(np.maximum.accumulate(slopes))
         for k in range(int(round(cap / step))):
-            segment = min(sum(k * step >= level - 1e-9 for level in levels), len(slopes) - 1)
+            segment = min(sum(k * step >= x - 1e-9 for x in curve.fractions), len(slopes) - 1)
             steps.append((slopes[segment] / curve.size, k, str(key), key))
     fractions, spent, closed = {key: 0.0 for key in curves}, 0.0, set()
     for _, _, _, key in sorted(steps, key=lambda entry: entry[:3]):
@@ -130,13 +137,15 @@ def spend(curves: dict[object, Curve], budget: float, levels: tuple[float, ...] 
 
 @torch.no_grad()
 def mask_units(model: nn.Module, graph, space: Space, scores: np.ndarray, fraction: float,
-               statistics: dict[str, InputStatistics], refit: bool) -> None:
-    """Zero the input columns of the weakest units of ``space`` worth ``fraction`` of its parameters in the
-    linears reading it (o_proj for heads, down_proj for channels), after a least-squares refit with ``refit``:
-    the outputs are those of the removal (without an intercept: the probe adds no bias)."""
-    share, chosen, spent = fraction * space.parameter_count(0) * space.size, [], 0
+               statistics: dict[str, InputStatistics], refit: bool) -> float:
+    """Zero the input columns of the weakest units of ``space`` nearest ``fraction`` of its parameters (at
+    least one unit) in the linears reading it (o_proj for heads, down_proj for channels), after a least-squares
+    refit with ``refit``: the outputs are those of the removal (without an intercept: the probe adds no bias).
+    Returns the fraction removed."""
+    size = space.parameter_count(0) * space.size
+    share, chosen, spent = fraction * size, [], 0
     for unit in units_of(space, scores, graph.layer_of(space)):
-        if spent + unit.params > share:
+        if chosen and spent + unit.params / 2 > share:
             break
         chosen.extend(unit.elements)
         spent += unit.params
@@ -149,17 +158,22 @@ def mask_units(model: nn.Module, graph, space: Space, scores: np.ndarray, fracti
         else:
             weight[:, kept] = linear.weight[:, kept]
         linear.weight.copy_(weight)
+    return spent / size
 
 
 @torch.no_grad()
 def factorize_in_place(parent: nn.Module, ranks: dict[str, int], method: str,
-                       statistics: dict[str, InputStatistics]) -> None:
-    """Write each projection of ``parent`` (name -> rank) back as its low-rank product."""
+                       statistics: dict[str, InputStatistics]) -> int:
+    """Write each projection of ``parent`` (name -> rank) back as its low-rank product; returns the parameters
+    the factors save."""
+    saved = 0
     for name, rank in ranks.items():
         linear = parent.get_submodule(name)
         if saves_parameters(linear, rank):
             down, up = factors(linear.weight, rank, method, statistics.get(name))
             linear.weight.copy_((up @ down).to(linear.weight.dtype))
+            saved += linear.in_features * linear.out_features - rank * (linear.in_features + linear.out_features)
+    return saved
 
 
 ScoreSpace = Callable[[object, Space, dict[str, InputStatistics]], np.ndarray]
@@ -187,10 +201,11 @@ class LossDriven:
     def allocate(self, context):
         curves = self.curves(context)
         budget = context.budget if isinstance(self.inner, SharedFraction) else context.removable()
-        fractions = spend(curves, budget, self.levels, self.cap, self.step)
-        context.record.add("allocate", method="loss curves", levels=list(self.levels), windows=self.windows,
+        fractions = spend(curves, budget, self.cap, self.step)
+        context.record.add("allocate", method="loss curves", windows=self.windows,
                            fractions={_label(key): round(f, 4) for key, f in fractions.items()},
-                           losses={_label(key): [round(v, 6) for v in c.losses] for key, c in curves.items()})
+                           curves={_label(key): [[round(x, 4), round(v, 6)] for x, v in zip(c.fractions, c.losses)]
+                                   for key, c in curves.items()})
         context.log("loss-driven fractions: " + ", ".join(f"{_label(k)} {f:.3f}" for k, f in fractions.items()))
         if isinstance(self.inner, SharedFraction):
             return self.inner.allocation_at(context, fractions)
@@ -224,12 +239,14 @@ class LossDriven:
                 prefix = context.layer_name(index, sublayer)
                 parent = model.get_submodule(prefix)
 
-                def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer):
+                size = sum(p.numel() for p in parent.parameters())
+
+                def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer, size=size):
                     ranks = self.inner.ranks_at(parent, prefix, sublayer, rule, fraction)
                     local = {name[len(prefix) + 1:]: rank for name, rank in ranks.items()}
-                    factorize_in_place(parent, local, self.deco_method,
-                                       {name[len(prefix) + 1:]: stats[sources[name]] for name in ranks})
-                probes[(index, sublayer)] = (parent, index, sum(p.numel() for p in parent.parameters()), compress)
+                    return factorize_in_place(parent, local, self.deco_method,
+                                              {name[len(prefix) + 1:]: stats[sources[name]] for name in ranks}) / size
+                probes[(index, sublayer)] = (parent, index, size, compress)
         for space in context.spaces:
             index = graph.layer_of(space)
             scores = (self.score_space(graph, space, stats) if self.score_space is not None
@@ -237,7 +254,7 @@ class LossDriven:
             parent = model.get_submodule(context.layer_name(index, _sublayer_of(space)))
 
             def compress(fraction, space=space, scores=scores):
-                mask_units(model, graph, space, scores, fraction, stats, self.refit)
+                return mask_units(model, graph, space, scores, fraction, stats, self.refit)
             probes[(index, _sublayer_of(space))] = (parent, index, space.parameter_count(0) * space.size, compress)
         divergence = Divergence(model, layers, context.batches[: self.windows])
         from pruners.pipeline import progress

@@ -25,7 +25,7 @@ def _settings(method: str, ratio: float = 0.2, **extra) -> PruneSettings:
 
 
 def test_the_budget_goes_where_the_loss_per_parameter_is_lowest():
-    curves = {"cheap": Curve(0, 1000, [0.01, 0.02]), "dear": Curve(1, 1000, [1.0, 2.0])}
+    curves = {"cheap": Curve(0, 1000, [0.01, 0.02], [0.25, 0.5]), "dear": Curve(1, 1000, [1.0, 2.0], [0.25, 0.5])}
     fractions = spend(curves, budget=500, cap=0.6, step=0.05)
     assert fractions["cheap"] == pytest.approx(0.5) and fractions["dear"] == pytest.approx(0.0)
     fractions = spend(curves, budget=800, cap=0.6, step=0.05)  # the cheap one is capped; the rest goes on
@@ -34,13 +34,13 @@ def test_the_budget_goes_where_the_loss_per_parameter_is_lowest():
 
 def test_a_curve_never_looks_cheaper_further_on():
     # a steep first segment then a flat one: convexified, the flat part costs what the steep one did
-    curves = {"kinked": Curve(0, 1000, [1.0, 1.0]), "steady": Curve(1, 1000, [0.5, 1.5])}
-    fractions = spend(curves, budget=250, levels=(0.25, 0.5), cap=0.6, step=0.05)
+    curves = {"kinked": Curve(0, 1000, [1.0, 1.0], [0.25, 0.5]), "steady": Curve(1, 1000, [0.5, 1.5], [0.25, 0.5])}
+    fractions = spend(curves, budget=250, cap=0.6, step=0.05)
     assert fractions["steady"] == pytest.approx(0.25) and fractions["kinked"] == pytest.approx(0.0)
 
 
 def test_the_cap_rises_when_the_budget_needs_it_and_the_total_stays_near_the_budget():
-    curves = {key: Curve(key, size, [0.1 * key, 0.3 * key]) for key, size in ((1, 1000), (2, 3000), (3, 700))}
+    curves = {key: Curve(key, size, [0.1 * key, 0.3 * key], [0.25, 0.5]) for key, size in ((1, 1000), (2, 3000), (3, 700))}
     for budget in (0.0, 130.0, 1900.0, 3900.0):
         fractions = spend(curves, budget, cap=0.6, step=0.025)
         spent = sum(f * curves[key].size for key, f in fractions.items())
@@ -67,7 +67,9 @@ def test_measuring_the_curves_leaves_the_model_as_it_was(monkeypatch, batches):
         assert seen["same"], method
         layers = COMMON["num_hidden_layers"]
         assert set(seen["curves"]) == {(i, part) for i in range(layers) for part in ("self_attn", "mlp")}
-        assert all(len(c.losses) == 2 and min(c.losses) >= 0 for c in seen["curves"].values())
+        for curve in seen["curves"].values():  # each point what the probe really removed, rising
+            assert curve.losses and min(curve.losses) >= 0 and len(curve.losses) == len(curve.fractions)
+            assert all(0 < a < b <= 1 for a, b in zip(curve.fractions, curve.fractions[1:] + [1.0]))
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)
