@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from depgraph import Plan, Space
@@ -34,7 +33,7 @@ from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
 from pruners.pipeline import capture_layer_inputs, hidden_of, run_layer
 from pruners.refit import least_squares_weight
-from pruners.statistics import InputStatistics, collect_input_statistics, model_head
+from pruners.statistics import InputStatistics, collect_input_statistics
 
 ALLOCATIONS = ("method", "loss")  # the method's own rule, or measured loss curves
 LEVELS = (0.25, 0.5)
@@ -57,28 +56,42 @@ class Curve:
 
 
 class Divergence:
-    """KL(dense || model) per token on ``windows``, re-running only the decoder layers from ``start`` on."""
+    """KL(dense || model) per token on ``windows``, re-running only the decoder layers from ``start`` on.
+
+    With z = W n + b the logits of the final-norm output n and p the dense distribution,
+    KL = sum p log p - p.z + logsumexp(z), and p.z = n.(W^T p) + p.b: the dense side is kept as W^T p per token
+    (the hidden width, not the vocabulary) and each call costs one logits product and one logsumexp."""
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int = 8):
-        self.layers, self.head, self.tokens = layers, model_head(model), windows.numel()
+        from depgraph.architectures import rule_for
+
+        self.layers, self.tokens = layers, windows.numel()
+        self.norm, self.output = model.get_submodule(rule_for(model).final_norm), model.get_output_embeddings()
         hidden = capture_layer_inputs(model, layers, windows, batch_size)
         self.inputs = []
         for layer in layers:
             self.inputs.append(hidden)
             hidden = run_layer(layer, hidden)
-        self.dense = [self._log_probs(h) for h in hidden]
-
-    def _log_probs(self, inputs: tuple[tuple, dict]) -> torch.Tensor:
-        return torch.log_softmax(self.head(hidden_of(*inputs)).float(), -1)
+        self.constant, self.weighted = 0.0, []
+        weight = self.output.weight.float()
+        bias = None if self.output.bias is None else self.output.bias.float()
+        for inputs in hidden:
+            log_p = torch.log_softmax(self.output(self.norm(hidden_of(*inputs))).float(), -1)
+            p = log_p.exp()
+            self.constant += (p * log_p).sum().double().item()
+            self.weighted.append((p @ weight, None if bias is None else p @ bias))
 
     @torch.no_grad()
     def __call__(self, start: int) -> float:
         hidden = self.inputs[start]
         for layer in self.layers[start:]:
             hidden = run_layer(layer, hidden)
-        total = sum(F.kl_div(self._log_probs(h), dense, log_target=True, reduction="sum").item()
-                    for h, dense in zip(hidden, self.dense))
+        total = self.constant
+        for inputs, (dense_weight, dense_bias) in zip(hidden, self.weighted):
+            normed = self.norm(hidden_of(*inputs))
+            cross = (normed.float() * dense_weight).sum(-1) + (0.0 if dense_bias is None else dense_bias)
+            total += (torch.logsumexp(self.output(normed).float(), -1) - cross).double().sum().item()
         return max(total / self.tokens, 0.0)
 
 

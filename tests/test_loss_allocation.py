@@ -127,3 +127,22 @@ def test_no_budget_changes_nothing(batches):
 def test_what_a_measured_allocation_cannot_use_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+
+
+def test_the_divergence_is_the_kl_of_the_model_from_the_dense_one(batches):
+    import torch.nn.functional as F
+
+    from pruners.loss_allocation import Divergence
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    divergence = Divergence(model, layers, batches)
+    assert divergence(0) == pytest.approx(0.0, abs=1e-5)
+    dense = torch.log_softmax(model(input_ids=batches).logits.float(), -1)
+    with torch.no_grad():
+        layers[1].mlp.down_proj.weight.mul_(0.5)
+    changed = torch.log_softmax(model(input_ids=batches).logits.float(), -1)
+    expected = F.kl_div(changed, dense, log_target=True, reduction="sum").item() / batches.numel()
+    assert expected > 1e-3
+    assert divergence(1) == pytest.approx(expected, rel=1e-4)
+    assert divergence(0) == pytest.approx(expected, rel=1e-4)  # from any earlier layer on, the same
