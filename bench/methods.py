@@ -88,6 +88,8 @@ RUNS: dict[str, dict] = {
     "flap_refit-loss": {"prune_method": "flap_refit", "allocation": "loss"},
     "lorap-SVDLLM-compressed-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                       "propagate": "compressed"},
+    "lorap-SVDLLM-compressed-refit-loss": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                           "propagate": "compressed", "allocation": "loss"},
 }
 RATIOS = (0.2, 0.5)
 

@@ -31,7 +31,7 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "llm_pruner-param_first-refit", "flap-WIFV-AL-AM-attn+mlp-refit-compressed",
               "flap-WIFV-AL-AM-attn+mlp-refit-512", "lorap-AWSVD-compressed-refit-512", "flap_refit",
               "lorap-AWSVD-compressed-refit-loss", "flap_refit-loss", "lorap-AWSVD-compressed-refit-loss-512",
-              "lorap-SVDLLM-compressed-refit")
+              "lorap-SVDLLM-compressed-refit", "lorap-SVDLLM-compressed-refit-loss")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 

@@ -71,15 +71,10 @@ def allocate(
     structure: str = "UL-UM",
     round_to: int = 1,
     standardize: bool = True,
-    shares: dict[str, float] | None = None,
 ) -> Plan:
     """Choose what to remove so that about ``budget`` parameters go, spread as ``structure`` says.
 
-    ``standardize=False``: the scores are already comparable across spaces (the estimator standardized them).
-    ``shares`` (space name -> parameters): every space is a bucket with that share, whatever ``structure``
-    says (the loss-driven allocation's fractions); what the shares leave goes as usual."""
-    if shares is not None:
-        structure = "UL-UM"
+    ``standardize=False``: the scores are already comparable across spaces (the estimator standardized them)."""
     if structure not in STRUCTURES:
         raise ValueError(f"unknown --structure {structure}: choose from {', '.join(STRUCTURES)}")
     units: list[Unit] = []
@@ -100,9 +95,7 @@ def allocate(
             f"the budget ({budget:,} parameters) exceeds what the chosen structures can remove "
             f"({sum(u.params for u in units):,}): lower --pruning_ratio or widen the layer ranges"
         )
-    if shares is None:
-        shares = {key: budget * cap / total_capacity for key, cap in capacity.items()}
-    shares = {key: shares.get(key, 0.0) for key in capacity}
+    shares = {key: budget * cap / total_capacity for key, cap in capacity.items()}
     buckets: dict[object, list[Unit]] = {key: [] for key in shares}
     for unit in sorted(units, key=lambda u: u.score):
         buckets[_bucket_key(unit, structure)].append(unit)

@@ -8,7 +8,8 @@ each is the mean KL divergence of the model's next-token distribution from the d
 calibration windows (the layers from that one on run again on cached inputs). The budget then goes, one
 ``step`` of a sub-layer at a time, where the loss per parameter is lowest, on the convex hull of each curve
 (so a sub-layer never looks cheaper further on), at most ``cap`` of any sub-layer. The fractions become the
-inner allocator's: LoRAP's ranks and per-layer targets, or the per-space shares of the unit allocation.
+inner allocator's: LoRAP's ranks and per-layer targets; for the unit methods the same greedy takes whole
+units (a round of heads, a channel), each priced where it starts on its sub-layer's curve.
 
 The curves cost about ``2 x levels x (layers / 2)`` layer passes per sub-layer on ``windows`` windows: several
 minutes on SmolLM2 on two CPU threads, against the seconds of a rule.
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from depgraph import Plan, Space
-from pruners.allocation import ByUnits, allocate, units_of
+from pruners.allocation import ByUnits, _round_kept, units_of
 from pruners.compensation import removed_input_columns
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
@@ -113,36 +114,84 @@ def measure_curve(module: nn.Module, layer: int, size: int, compress: Callable[[
     return Curve(layer, size, losses, fractions)
 
 
+def _convex_slopes(curve: Curve) -> list[float]:
+    """Loss per unit of fraction on each segment from (0, 0) through the measured points, never decreasing."""
+    points = [(0.0, 0.0), *zip(curve.fractions, curve.losses)]
+    slopes = [max(b[1] - a[1], 1e-12) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
+    return list(np.maximum.accumulate(slopes))
+
+
+def _slope_at(curve: Curve, slopes: list[float], fraction: float) -> float:
+    """The slope of the segment that starts at or before ``fraction`` (the last one beyond the points)."""
+    return slopes[min(sum(fraction >= x - 1e-9 for x in curve.fractions), len(slopes) - 1)]
+
+
+def _cheapest_first(candidates: list[tuple[float, int, str, object, float]], budget: float) -> dict[object, int]:
+    """How many leading candidates of each key to take, cheapest per parameter first, within ``budget``.
+
+    ``candidates``: (cost per parameter, position on its curve, key label, key, parameters). One that does not
+    fit closes its key (the later ones of a curve never go before it); at the end the smallest of the closed
+    keys' next candidates is taken if that brings the total closer to the budget (within half of it)."""
+    taken, spent, blocked = {}, 0.0, {}
+    for _, _, _, key, params in sorted(candidates, key=lambda entry: entry[:3]):
+        if key in blocked:
+            continue
+        if spent + params > budget:
+            blocked[key] = params
+            continue
+        taken[key] = taken.get(key, 0) + 1
+        spent += params
+    if blocked:
+        key, params = min(blocked.items(), key=lambda item: item[1])
+        if spent + params / 2 <= budget:
+            taken[key] = taken.get(key, 0) + 1
+    return taken
+
+
 def spend(curves: dict[object, Curve], budget: float, cap: float = CAP, step: float = STEP) -> dict[object, float]:
     """Fractions per curve that remove about ``budget`` parameters where the loss per parameter is lowest.
 
-    Each curve is linear between (0, 0) and its measured points (the last slope goes on), and made convex (a segment is never cheaper
-    than the one before it), so taking steps cheapest first fills every sub-layer from 0 upwards; a step that
-    would overshoot the budget by more than half of itself is not taken (nor the later ones of its curve).
-    The cap rises when the budget needs more than ``cap`` of everything."""
+    Each curve is linear between (0, 0) and its measured points (the last slope goes on), and made convex
+    (a segment is never cheaper than the one before it), so taking ``step``s cheapest first fills every
+    sub-layer from 0 upwards. The cap rises when the budget needs more than ``cap`` of everything."""
     total = sum(curve.size for curve in curves.values())
     if budget <= 0 or not total:
         return {key: 0.0 for key in curves}
     cap = min(1.0, max(cap, budget / total + step))
-    steps = []
+    candidates = []
     for key, curve in curves.items():
-        if not curve.fractions:  # nothing could be removed: no steps
+        if not curve.fractions:  # nothing could be removed
             continue
-        points = [(0.0, 0.0), *zip(curve.fractions, curve.losses)]
-        slopes = [max(b[1] - a[1], 1e-12) / (b[0] - a[0]) for a, b in zip(points, points[1:])]
-        slopes = list(np.maximum.accumulate(slopes))
-        for k in range(int(round(cap / step))):
-            segment = min(sum(k * step >= x - 1e-9 for x in curve.fractions), len(slopes) - 1)
-            steps.append((slopes[segment] / curve.size, k, str(key), key))
-    fractions, spent, closed = {key: 0.0 for key in curves}, 0.0, set()
-    for _, _, _, key in sorted(steps, key=lambda entry: entry[:3]):
-        size = step * curves[key].size
-        if key in closed or spent + size / 2 > budget:  # a step that would overshoot by more than half of it
-            closed.add(key)  # ... and the steps after it on the same curve stay untaken
-            continue
-        fractions[key] += step
-        spent += size
-    return fractions
+        slopes = _convex_slopes(curve)
+        candidates += [(_slope_at(curve, slopes, k * step) / curve.size, k, str(key), key, step * curve.size)
+                       for k in range(int(round(cap / step)))]
+    taken = _cheapest_first(candidates, budget)
+    return {key: taken.get(key, 0) * step for key in curves}
+
+
+def units_by_loss(curves: dict[object, Curve], units: dict[object, list], budget: float, cap: float = CAP
+                  ) -> dict[object, list]:
+    """The units to remove per key (``units[key]``: a space's units, weakest first), cheapest per parameter
+    first on the convex curves, each unit priced at the fraction where it starts: whole units against the
+    measured loss, with no rounding of per-space shares to redistribute afterwards."""
+    for limit in (cap, 1.0):  # the cap is lifted when the budget cannot be met under it
+        candidates = []
+        for key, curve in curves.items():
+            if not curve.fractions:
+                continue
+            slopes, start = _convex_slopes(curve), 0
+            for position, unit in enumerate(units.get(key, [])):
+                if start + unit.params > limit * curve.size + 1e-9:
+                    break
+                candidates.append((_slope_at(curve, slopes, start / curve.size) / curve.size, position, str(key),
+                                   key, unit.params))
+                start += unit.params
+        taken = _cheapest_first(candidates, budget)
+        spent = sum(unit.params for key, count in taken.items() for unit in units[key][:count])
+        smallest = min((params for *_, params in candidates), default=0)
+        if spent + smallest > budget:
+            break
+    return {key: units[key][: taken.get(key, 0)] for key in units}
 
 
 # -- probes: a sub-layer compressed the way the method compresses it, in place (the weights keep their shapes)
@@ -213,22 +262,33 @@ class LossDriven:
 
     def allocate(self, context):
         curves = self.curves(context)
-        budget = context.budget if isinstance(self.inner, SharedFraction) else context.removable()
-        fractions = spend(curves, budget, self.cap, self.step)
+        if isinstance(self.inner, SharedFraction):
+            fractions = spend(curves, context.budget, self.cap, self.step)
+            allocation = self.inner.allocation_at(context, fractions)
+        else:
+            allocation, fractions = self._unit_allocation(context, curves, context.removable())
         context.record.add("allocate", method="loss curves", windows=self.windows,
                            fractions={_label(key): round(f, 4) for key, f in fractions.items()},
                            curves={_label(key): [[round(x, 4), round(v, 6)] for x, v in zip(c.fractions, c.losses)]
                                    for key, c in curves.items()})
         context.log("loss-driven fractions: " + ", ".join(f"{_label(k)} {f:.3f}" for k, f in fractions.items()))
-        if isinstance(self.inner, SharedFraction):
-            return self.inner.allocation_at(context, fractions)
+        return allocation
+
+    def _unit_allocation(self, context, curves: dict[object, Curve], budget: float):
+        """Whole units (head rounds, channels) taken cheapest per parameter first on the measured curves."""
         from pruners.engine import Allocation
 
-        names = {(context.graph.layer_of(space), _sublayer_of(space)): space.name for space in context.spaces}
-        shares = {names[key]: fraction * curves[key].size for key, fraction in fractions.items()}
-        plan = allocate(context.graph, context.spaces, context.scores, budget, "UL-UM", self.inner.round_to,
-                        shares=shares)
-        return Allocation(plan=plan)
+        graph = context.graph
+        spaces = {(graph.layer_of(space), _sublayer_of(space)): space for space in context.spaces}
+        units = {key: units_of(space, context.scores[space.name], graph.layer_of(space))
+                 for key, space in spaces.items()}
+        chosen = {spaces[key].name: sorted(e for unit in taken for e in unit.elements)
+                  for key, taken in units_by_loss(curves, units, budget, self.cap).items() if taken}
+        if self.inner.round_to > 1:
+            _round_kept(graph, chosen, context.scores, self.inner.round_to)
+        fractions = {key: len(chosen.get(space.name, [])) * space.parameter_count(0) / curves[key].size
+                     for key, space in spaces.items()}
+        return Allocation(plan=Plan(remove=chosen)), fractions
 
     def curves(self, context) -> dict[object, Curve]:
         """One curve per sub-layer, (layer, "self_attn" / "mlp"): factorized (the inner allocator's

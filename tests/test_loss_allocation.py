@@ -146,3 +146,18 @@ def test_the_divergence_is_the_kl_of_the_model_from_the_dense_one(batches):
     assert expected > 1e-3
     assert divergence(1) == pytest.approx(expected, rel=1e-4)
     assert divergence(0) == pytest.approx(expected, rel=1e-4)  # from any earlier layer on, the same
+
+
+def test_whole_units_are_priced_where_they_start_on_their_curve():
+    from pruners.allocation import Unit
+    from pruners.loss_allocation import units_by_loss
+
+    def space_units(name, count, params):
+        return [Unit(name, "channels", 0, [k], float(k), params) for k in range(count)]
+
+    # "heads": three units of a third each, the first cheap, then dear; "mlp": ten units, steadily medium
+    curves = {"heads": Curve(0, 300, [0.1, 3.0], [1 / 3, 2 / 3]), "mlp": Curve(0, 1000, [0.5, 1.0], [0.25, 0.5])}
+    units = {"heads": space_units("heads", 2, 100), "mlp": space_units("mlp", 10, 100)}
+    taken = units_by_loss(curves, units, budget=400, cap=0.6)
+    assert [u.elements for u in taken["heads"]] == [[0]]  # only the cheap first round; the second costs 29x
+    assert len(taken["mlp"]) == 3 and [u.elements[0] for u in taken["mlp"]] == [0, 1, 2]  # weakest first
