@@ -28,11 +28,12 @@ RESULTS = ROOT / "bench" / "results" / "recovery.jsonl"
 TABLE = ROOT / "bench" / "results" / "recovery.md"
 PLOT = ROOT / "docs" / "recovery_loss.png"
 RATIO = 0.2
-# hf_prune.py flags of each method: LoRAP (the default until 2026-12-02), LLM-Pruner Taylor and FLAP as in
-# bench/methods.py, and the default (no flag: flap_refit)
+# hf_prune.py flags of each method: LoRAP (a default until 2026-12-02), LLM-Pruner Taylor and FLAP as in
+# bench/methods.py, flap_refit, and the default (no flag: whitened_lorap)
 METHODS: dict[str, dict] = {
     "lorap": {"prune_method": "lorap"},
-    "flap_refit (default)": {},
+    "flap_refit": {"prune_method": "flap_refit"},
+    "whitened_lorap (default)": {},
     "llm_pruner-param_first": RUNS["llm_pruner-param_first"],
     "flap-WIFV-AL-AM-attn+mlp": RUNS["flap-WIFV-AL-AM-attn+mlp"],
     "lorap-AWSVD-refit": RUNS["lorap-AWSVD-refit"],

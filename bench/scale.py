@@ -41,7 +41,9 @@ SHAPES = {
 RUNS = {
     "flap": ["--prune_method", "flap"],
     "taylor": ["--prune_method", "llm_pruner", "--pruner_type", "taylor"],
-    "default": [],  # flap_refit since 2026-12-02 (its 512 windows: pass --nsamples on a CPU)
+    # the default whitened_lorap since 2026-12-02, with LoRAP's shared fraction: its loss curves are refused
+    # under --low_memory
+    "default": ["--allocation", "method"],
     "lorap": ["--prune_method", "lorap"],  # the default until 2026-12-02
     # the best candidate on held-out calibration text (bench/select_default.py): least-squares refits at scale
     "flap-refit": ["--prune_method", "flap", "--structure", "AL-AM", "--sublayer", "self_attn,mlp", "--refit", "True"],

@@ -32,7 +32,7 @@ from pruners.statistics import model_head
 class PruneSettings:
     """Everything a pruning run depends on (``hf_prune.py`` flags map one to one)."""
 
-    prune_method: str = "flap_refit"  # the lowest held-out calibration perplexity at 20% (bench/select_default.py)
+    prune_method: str = "whitened_lorap"  # the lowest held-out calibration perplexity at 20% (bench/select_default.py)
     pruning_ratio: float = 0.2  # fraction of ALL parameters (embeddings included, tied weights once)
     pruner_type: str = "taylor"  # llm_pruner: random | l1 | l2 | taylor
     taylor: str = "param_first"  # vectorize | param_first | param_second | param_mix
@@ -124,6 +124,8 @@ class Composition:
     conditional_reads: Callable[[PruneSettings], frozenset[str]] = lambda settings: frozenset()
     # values of settings left unset (None) that this method takes instead of the general fallback
     defaults: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
+    # settings this method always takes (it does not read them: a user's other value is refused)
+    fixed: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _llm_pruner_estimator(settings: PruneSettings):
@@ -220,7 +222,7 @@ METHODS: dict[str, Composition] = {
         conditional_reads=_refit_reads,
     ),
     "flap_refit": Composition(
-        "the default, chosen on held-out calibration text (bench/select_default.py): FLAP's WIFV fluctuation ranked "
+        "FLAP's WIFV fluctuation ranked "
         "across layers and modules (AL-AM) over heads and MLP channels, then a least-squares refit of o_proj / "
         "down_proj on the kept columns (with an intercept), each layer calibrated on the compressed outputs of the "
         "layers before it, on 512 calibration windows",
@@ -244,6 +246,16 @@ METHODS: dict[str, Composition] = {
         sublayer="self_attn,mlp",
         reads=frozenset({"deco_method", "para_allocate", "mlp_compress_method", "mlp_metric", "real_com",
                          "nsamples", "round_to", "propagate", "refit", "allocation"}),
+    ),
+    "whitened_lorap": Composition(
+        "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
+        "factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels by "
+        "Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed outputs of the "
+        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss)",
+        lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",), sublayer="self_attn,mlp", propagate="compressed",
+        reads=frozenset({"para_allocate", "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit",
+                         "allocation"}),
+        defaults={"refit": True, "allocation": "loss"}, fixed={"deco_method": "SVDLLM"},
     ),
     "flatllm": Composition(
         "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
@@ -287,7 +299,7 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
     what the method can do."""
     composition = composition or composition_of(settings)
     settings = replace(settings, **{name: value for name, value in composition.defaults.items()
-                                    if getattr(settings, name) is None})
+                                    if getattr(settings, name) is None}, **composition.fixed)
     mode = settings.mode or composition.modes[0]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode}: choose from {', '.join(MODES)}")
@@ -329,11 +341,15 @@ def check_settings_read(settings: PruneSettings, composition: Composition | None
         raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} not read by --prune_method "
                          f"{settings.prune_method} in {mode} mode: drop {'it' if len(unread) == 1 else 'them'}, or "
                          f"choose a method that reads {'it' if len(unread) == 1 else 'them'} (README, method table)")
-    check_low_memory(settings)
+    check_low_memory(settings, composition)
 
 
-def check_low_memory(settings: PruneSettings) -> None:
+def check_low_memory(settings: PruneSettings, composition: Composition | None = None) -> None:
     """Refuse what ``--low_memory`` cannot bound (before any work)."""
+    allocation = settings.allocation or (composition or composition_of(settings)).defaults.get("allocation")
+    if settings.low_memory and allocation == "loss":
+        raise ValueError("--allocation loss keeps the float64 input second moments of every layer at once (for its "
+                         "probes), which --low_memory cannot bound: add --allocation method, or drop --low_memory")
     if settings.low_memory and settings.prune_method == "llm_pruner" and settings.pruner_type == "taylor" \
             and settings.taylor == "param_mix":
         raise ValueError("--taylor param_mix keeps w*g and the Fisher for every weight (two full-size accumulators),"

@@ -47,7 +47,8 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
     assert saved.actions, f"{method} on {arch} recorded nothing"
     wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
               "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"},
-              "svd_llm": {"factorize"}, "flap_refit": {"refit", "remove"}}.get(method, {"remove"})
+              "svd_llm": {"factorize"}, "flap_refit": {"refit", "remove"},
+              "whitened_lorap": {"allocate", "remove"}}.get(method, {"remove"})  # measured: may factorize none
     assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
     reloaded = load_model(folder)
     for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank
@@ -61,18 +62,23 @@ def test_a_method_default_fills_only_what_the_user_left_unset():
     from pruners.methods import resolved
 
     default = resolved(PruneSettings())
-    assert (default.prune_method, default.structure, default.sublayer, default.refit, default.nsamples,
-            default.propagate) == ("flap_refit", "AL-AM", "self_attn,mlp", True, 512, "compressed")
-    mine = resolved(PruneSettings(structure="UL-UM", sublayer="mlp", refit=False, nsamples=16))
+    assert (default.prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
+            default.propagate, default.allocation) == ("whitened_lorap", "SVDLLM", "self_attn,mlp", True, 128,
+                                                      "compressed", "loss")
+    flap_refit = resolved(PruneSettings(prune_method="flap_refit"))
+    assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
+            flap_refit.propagate) == ("AL-AM", "self_attn,mlp", True, 512, "compressed")
+    mine = resolved(PruneSettings(prune_method="flap_refit", structure="UL-UM", sublayer="mlp", refit=False,
+                                  nsamples=16))
     assert (mine.structure, mine.sublayer, mine.refit, mine.nsamples) == ("UL-UM", "mlp", False, 16)
     plain = resolved(PruneSettings(prune_method="flap"))  # FLAP itself keeps its own defaults
     assert (plain.structure, plain.refit, plain.nsamples) == (None, False, 128)
 
 
-def test_the_default_method_is_flap_ranked_across_layers_with_the_refit(batches):
+def test_flap_refit_is_flap_ranked_across_layers_with_the_refit(batches):
     """flap_refit is a set of defaults over flap, nothing else: the same record as flap with them spelled out."""
     records = []
-    for settings in (PruneSettings(pruning_ratio=0.4, nsamples=6),
+    for settings in (PruneSettings(prune_method="flap_refit", pruning_ratio=0.4, nsamples=6),
                      PruneSettings(prune_method="flap", pruning_ratio=0.4, nsamples=6, structure="AL-AM",
                                    sublayer="self_attn,mlp", refit=True, propagate="compressed")):
         model = tiny_model("llama")
@@ -83,6 +89,21 @@ def test_the_default_method_is_flap_ranked_across_layers_with_the_refit(batches)
                 for entry in default.of("refit")}
     assert refitted == {"self_attn.o_proj", "mlp.down_proj"}
     assert {entry["kind"] for entry in default.of("remove")} == {"heads", "channels"}
+
+
+def test_whitened_lorap_is_lorap_with_its_settings_spelled_out(batches):
+    """A method's defaults and fixed settings, nothing else: the same record as lorap with them as flags."""
+    records = []
+    for settings in (PruneSettings(prune_method="whitened_lorap", pruning_ratio=0.3, nsamples=6),
+                     PruneSettings(prune_method="lorap", pruning_ratio=0.3, nsamples=6, deco_method="SVDLLM",
+                                   refit=True, propagate="compressed", allocation="loss")):
+        records.append(prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches).record)
+    assert records[0].actions == records[1].actions
+    assert {entry["method"] for entry in records[0].of("factorize")} == {"SVDLLM"}
+    assert records[0].settings["deco_method"] == "SVDLLM"  # the record says what ran
+    with pytest.raises(ValueError, match="--deco_method is not read by --prune_method whitened_lorap"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="whitened_lorap", deco_method="AFM"),
+                    log=lambda _: None, batches=batches)
 
 
 def test_a_factorized_model_kept_dense_still_records_its_ranks(batches, tmp_path):
