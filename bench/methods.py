@@ -88,6 +88,9 @@ RUNS: dict[str, dict] = {
     "flap_refit-loss": {"prune_method": "flap_refit", "allocation": "loss"},
     "lorap-SVDLLM-compressed-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                       "propagate": "compressed"},
+    "llm_pruner-param_first-refit-loss": {"prune_method": "llm_pruner", "pruner_type": "taylor",
+                                          "taylor": "param_first", "refit": True, "allocation": "loss",
+                                          **LAYERS_4_ON},
     "lorap-SVDLLM-compressed-refit-loss": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                            "propagate": "compressed", "allocation": "loss"},
 }
