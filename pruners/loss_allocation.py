@@ -29,11 +29,13 @@ from torch import nn
 
 from depgraph import Plan, Space
 from pruners.allocation import ByUnits, _round_kept, units_of
+from pruners.actions import _projections
 from pruners.compensation import removed_input_columns
+from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
-from pruners.pipeline import capture_layer_inputs, hidden_of, run_layer
-from pruners.refit import least_squares_weight
+from pruners.pipeline import capture_layer_inputs, hidden_of, progress, run_layer
+from pruners.refit import refit_linear
 from pruners.statistics import InputStatistics, collect_input_statistics
 
 ALLOCATIONS = ("method", "loss")  # the method's own rule, or measured loss curves
@@ -213,13 +215,10 @@ def mask_units(model: nn.Module, graph, space: Space, scores: np.ndarray, fracti
         spent += unit.params
     for name, columns in removed_input_columns(graph, Plan(remove={space.name: chosen})).items():
         linear = model.get_submodule(name)
-        kept = torch.as_tensor(sorted(set(range(linear.in_features)) - set(columns)), dtype=torch.long)
-        weight = torch.zeros_like(linear.weight)
         if refit:
-            weight[:, kept] = least_squares_weight(linear.weight, statistics[name], kept)[0].to(weight.dtype)
+            refit_linear(linear, statistics[name], columns)
         else:
-            weight[:, kept] = linear.weight[:, kept]
-        linear.weight.copy_(weight)
+            linear.weight[:, torch.as_tensor(columns, dtype=torch.long)] = 0
     return spent / size
 
 
@@ -295,23 +294,13 @@ class LossDriven:
         ``factorized``), or pruned by units (a selected head or channel space)."""
         model, graph, rule, layers = context.model, context.graph, context.rule, context.decoder_layers()
         factorized = getattr(self.inner, "factorized", ())
-        probes: dict[object, tuple[nn.Module, int, int, Callable[[float], None]]] = {}
-        readers = {name for space in context.spaces for name in removed_input_columns(
-            graph, Plan(remove={space.name: [0]}))}
-        sources = {}
+        probes: dict[tuple[int, str], tuple[nn.Module, int, int, Callable[[float], float]]] = {}
+        sources: dict[str, str] = {}  # factorized projection -> the projection whose inputs it shares
         for sublayer in factorized:
             for index in context.selection.get(sublayer, []):
-                groups = rule.attention_inputs if sublayer == "self_attn" else rule.mlp_inputs
-                prefix = context.layer_name(index, sublayer)
-                sources.update({f"{prefix}.{name}": f"{prefix}.{group[0]}" for group in groups for name in group})
-        windows = context.batches[: min(len(context.batches), STATISTIC_WINDOWS)]
-        stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
-                                         progress=False, second_moments=True)
-        for sublayer in factorized:
-            for index in context.selection.get(sublayer, []):
-                prefix = context.layer_name(index, sublayer)
+                prefix, shared = _projections(context, index, sublayer)
+                sources.update({f"{prefix}.{name}": f"{prefix}.{source}" for name, source in shared.items()})
                 parent = model.get_submodule(prefix)
-
                 size = sum(p.numel() for p in parent.parameters())
 
                 def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer, size=size):
@@ -320,18 +309,20 @@ class LossDriven:
                     return factorize_in_place(parent, local, self.deco_method,
                                               {name[len(prefix) + 1:]: stats[sources[name]] for name in ranks}) / size
                 probes[(index, sublayer)] = (parent, index, size, compress)
+        readers = {name for space in context.spaces for name in input_linears(graph, space)}
+        windows = context.batches[: min(len(context.batches), STATISTIC_WINDOWS)]
+        stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
+                                         progress=False, second_moments=True)
         for space in context.spaces:
-            index = graph.layer_of(space)
+            index, sublayer = graph.layer_of(space), _sublayer_of(space)
             scores = (self.score_space(graph, space, stats) if self.score_space is not None
                       else context.scores[space.name])
-            parent = model.get_submodule(context.layer_name(index, _sublayer_of(space)))
 
             def compress(fraction, space=space, scores=scores):
                 return mask_units(model, graph, space, scores, fraction, stats, self.refit)
-            probes[(index, _sublayer_of(space))] = (parent, index, space.parameter_count(0) * space.size, compress)
+            probes[(index, sublayer)] = (model.get_submodule(context.layer_name(index, sublayer)), index,
+                                         space.parameter_count(0) * space.size, compress)
         divergence = Divergence(model, layers, context.batches[: self.windows])
-        from pruners.pipeline import progress
-
         return {key: measure_curve(module, index, size, compress, divergence, self.levels)
                 for key, (module, index, size, compress) in progress(probes.items(), "loss curves",
                                                                      total=len(probes))}

@@ -148,7 +148,7 @@ def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
 
 def units_allocator(settings: PruneSettings):
     """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention; with --allocation loss
-    per-space shares from measured loss curves."""
+    whole units taken cheapest first on measured loss curves."""
     if settings.allocation == "loss":
         return LossDriven(ByUnits("UL-UM", settings.round_to), refit=bool(settings.refit))
     if settings.remove_heads >= 0 and settings.mode == "block":
@@ -252,7 +252,8 @@ METHODS: dict[str, Composition] = {
         "factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels by "
         "Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed outputs of the "
         "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss)",
-        lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",), sublayer="self_attn,mlp", propagate="compressed",
+        lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
+        sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"para_allocate", "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit",
                          "allocation"}),
         defaults={"refit": True, "allocation": "loss"}, fixed={"deco_method": "SVDLLM"},
@@ -286,6 +287,11 @@ BLOCK_SETTINGS = frozenset({"sublayer", "block_attention_layer_start", "block_at
 NOT_IN_CHANNEL_MODE = frozenset({"gqa_policy", "remove_heads", "refit", "allocation"})
 # what a measured allocation replaces: the rule's own spreading
 NOT_WITH_LOSS_ALLOCATION = frozenset({"structure", "remove_heads"})
+
+
+def allocation_of(settings: PruneSettings, composition: Composition | None = None) -> str | None:
+    """--allocation as given, else the method's default (before ``resolved`` fills the general fallback)."""
+    return settings.allocation or (composition or composition_of(settings)).defaults.get("allocation")
 
 
 def composition_of(settings: PruneSettings) -> Composition:
@@ -325,7 +331,7 @@ def unread_settings(settings: PruneSettings, composition: Composition | None = N
              | (BLOCK_SETTINGS if mode == "block" else frozenset()))
     if mode != "block":
         reads = reads - NOT_IN_CHANNEL_MODE
-    if (settings.allocation or composition.defaults.get("allocation")) == "loss" and "allocation" in reads:
+    if allocation_of(settings, composition) == "loss" and "allocation" in reads:
         reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples"}  # the curves' windows
     defaults = PruneSettings()
     return [f.name for f in fields(PruneSettings)
@@ -346,8 +352,7 @@ def check_settings_read(settings: PruneSettings, composition: Composition | None
 
 def check_low_memory(settings: PruneSettings, composition: Composition | None = None) -> None:
     """Refuse what ``--low_memory`` cannot bound (before any work)."""
-    allocation = settings.allocation or (composition or composition_of(settings)).defaults.get("allocation")
-    if settings.low_memory and allocation == "loss":
+    if settings.low_memory and allocation_of(settings, composition) == "loss":
         raise ValueError("--allocation loss keeps the float64 input second moments of every layer at once (for its "
                          "probes), which --low_memory cannot bound: add --allocation method, or drop --low_memory")
     if settings.low_memory and settings.prune_method == "llm_pruner" and settings.pruner_type == "taylor" \

@@ -1,9 +1,9 @@
 """The record of a compression run: every action, in the order it was taken.
 
 Measured allocations (the loss-driven fractions and their curves), removals (elements of a space, whole
-layers), factorizations (module, rank, method), value rotations, least-squares refits and bias compensations. It is returned in the report, printed as the per-layer table,
-saved beside the model as readable JSON (``compression_record.json``), and read back by recovery, which
-re-factorizes at the recorded ranks.
+layers), factorizations (module, rank, method), value rotations, least-squares refits and bias compensations.
+It is returned in the report, printed as the per-layer table, saved beside the model as readable JSON
+(``compression_record.json``), and read back by recovery, which re-factorizes at the recorded ranks.
 """
 from __future__ import annotations
 

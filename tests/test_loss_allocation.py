@@ -40,7 +40,8 @@ def test_a_curve_never_looks_cheaper_further_on():
 
 
 def test_the_cap_rises_when_the_budget_needs_it_and_the_total_stays_near_the_budget():
-    curves = {key: Curve(key, size, [0.1 * key, 0.3 * key], [0.25, 0.5]) for key, size in ((1, 1000), (2, 3000), (3, 700))}
+    curves = {key: Curve(key, size, [0.1 * key, 0.3 * key], [0.25, 0.5])
+              for key, size in ((1, 1000), (2, 3000), (3, 700))}
     for budget in (0.0, 130.0, 1900.0, 3900.0):
         fractions = spend(curves, budget, cap=0.6, step=0.025)
         spent = sum(f * curves[key].size for key, f in fractions.items())
