@@ -93,6 +93,26 @@ RUNS: dict[str, dict] = {
                                           **LAYERS_4_ON},
     "lorap-SVDLLM-compressed-refit-loss": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                            "propagate": "compressed", "allocation": "loss"},
+    # more calibration windows (512, 1024), FLAP's WIFV for the MLP channels, and the MLP fitted on the outputs of
+    # its own compressed attention (--propagate sequential)
+    "lorap-SVDLLM-compressed-refit-512": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                          "propagate": "compressed", "nsamples": 512},
+    "lorap-SVDLLM-compressed-refit-1024": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                           "propagate": "compressed", "nsamples": 1024},
+    "lorap-SVDLLM-compressed-refit-WIFV": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                           "propagate": "compressed", "mlp_metric": "WIFV"},
+    "lorap-SVDLLM-compressed-refit-WIFV-512": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                               "propagate": "compressed", "mlp_metric": "WIFV", "nsamples": 512},
+    "lorap-SVDLLM-compressed-refit-para2": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                            "propagate": "compressed", "para_allocate": 2.0},
+    "lorap-SVDLLM-compressed-refit-para5": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                            "propagate": "compressed", "para_allocate": 5.0},
+    "lorap-SVDLLM-sequential-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                      "propagate": "sequential"},
+    "lorap-SVDLLM-compressed-refit-loss-512": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                               "propagate": "compressed", "allocation": "loss", "nsamples": 512},
+    "llm_pruner-param_first-refit-512": {"prune_method": "llm_pruner", "pruner_type": "taylor",
+                                         "taylor": "param_first", "refit": True, "nsamples": 512, **LAYERS_4_ON},
 }
 RATIOS = (0.2, 0.5)
 

@@ -31,7 +31,12 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "llm_pruner-param_first-refit", "flap-WIFV-AL-AM-attn+mlp-refit-compressed",
               "flap-WIFV-AL-AM-attn+mlp-refit-512", "lorap-AWSVD-compressed-refit-512", "flap_refit",
               "lorap-AWSVD-compressed-refit-loss", "flap_refit-loss", "lorap-AWSVD-compressed-refit-loss-512",
-              "lorap-SVDLLM-compressed-refit", "lorap-SVDLLM-compressed-refit-loss")
+              "lorap-SVDLLM-compressed-refit", "lorap-SVDLLM-compressed-refit-loss",
+              "lorap-SVDLLM-compressed-refit-512", "lorap-SVDLLM-compressed-refit-1024",
+              "lorap-SVDLLM-compressed-refit-WIFV", "lorap-SVDLLM-compressed-refit-WIFV-512",
+              "lorap-SVDLLM-sequential-refit", "llm_pruner-param_first-refit-512",
+              "lorap-SVDLLM-compressed-refit-loss-512", "lorap-SVDLLM-compressed-refit-para2",
+              "lorap-SVDLLM-compressed-refit-para5")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 

@@ -63,7 +63,8 @@ class PruneSettings:
     remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
     # FLAT-LLM's MLP channel score: leverage (the paper's ridge leverage) | energy (E[h^2] ||W_down[:, j]||^2)
     flatllm_mlp_score: str = "leverage"
-    # what layer i + 1 is calibrated on after layer i was acted on: dense or compressed outputs (None: the method's)
+    # what layer i + 1 is calibrated on after layer i was acted on: dense or compressed outputs, or sequential
+    # (compressed, and each step inside a layer after what the earlier ones did) (None: the method's)
     propagate: str | None = None
     # least-squares refit of o_proj / down_proj on the kept columns after heads or MLP channels go (block mode;
     # None: the method's)
@@ -109,7 +110,8 @@ def no_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[s
 class Composition:
     """A method: which spaces are selected, one estimator, one allocator and a list of actions, each built
     from the settings. ``reads``: the settings it reads besides the common ones (any other flag given is
-    refused). ``propagate``: what the next layer is calibrated on after a layer action (dense/compressed)."""
+    refused). ``propagate``: what the next layer is calibrated on after a layer action (dense, compressed or
+    sequential)."""
 
     description: str
     estimator: Callable[[PruneSettings], object]

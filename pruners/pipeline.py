@@ -4,8 +4,11 @@ The inputs of decoder layer 0 are captured once (with the model's own attention 
 embeddings); for each layer i the steps name the modules whose inputs they need, layer i runs once with
 statistics hooks on them, the steps score or act on layer i, and its outputs become the inputs of layer
 i + 1. Whether layer i + 1 sees the dense outputs (computed before the steps acted) or the compressed ones
-(layer i run again after acting) is the ``propagate`` option. Statistics live only while their layer is
-processed: a step that needs something later keeps it itself.
+(layer i run again after acting) is the ``propagate`` option. With ``sequential``, the steps inside a layer
+see compressed inputs too: before each step after the first, the layer runs again (with what the earlier
+steps did to it) to collect that step's statistics, so the MLP of layer i is fitted on the outputs of its
+compressed attention. Statistics live only while their layer is processed: a step that needs something later
+keeps it itself.
 
 Where a layer's weights live is handled here and nowhere else: with ``device`` set, each layer is moved
 there for its turn and back to where it was afterwards, so only one layer occupies the accelerator; with
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 from modelio.memory import module_extents, release, release_module
 from pruners.statistics import InputStatistics, observe_inputs
 
-PROPAGATIONS = ("dense", "compressed")
+PROPAGATIONS = ("dense", "compressed", "sequential")
 
 
 def progress(items: Iterable, desc: str, enabled: bool = True, total: int | None = None) -> Iterator:
@@ -155,9 +158,11 @@ class LayerPipeline:
                 with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as stats:
                     outputs = run_layer(layer, inputs)
                 step = LayerPass(index, layer, inputs, outputs, stats)
-                for each in steps:
+                for position, each in enumerate(steps):
+                    if propagate == "sequential" and position > 0:
+                        step.statistics = self._recollect(context, each, index, layer, inputs, stats)
                     each.on_layer(context, step)
-                if propagate == "compressed":
+                if propagate != "dense":
                     outputs = run_layer(self.layers()[index], inputs)
             del step, stats
             release(used)  # what the layer read (its replaced weights included), not what it now holds
@@ -175,6 +180,17 @@ class LayerPipeline:
                     each.after_layers(context, last)
             if self.low_memory:
                 release_module(self.model.get_output_embeddings())
+
+
+    def _recollect(self, context, step, index: int, layer: nn.Module, inputs: list[tuple[tuple, dict]],
+                   statistics: dict[str, InputStatistics]) -> dict[str, InputStatistics]:
+        """``statistics`` with the modules ``step`` observes collected again on the layer as it is now."""
+        observed = _observed(context, [step], index)
+        if not observed:
+            return statistics
+        with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as fresh:
+            run_layer(layer, inputs)
+        return {**statistics, **fresh}
 
 
 def _observed(context, steps: list, index: int | None) -> dict[str, bool]:

@@ -9,7 +9,7 @@ import torch
 import hf_prune
 from modelio import LowRankLinear, load_model, save_model
 from pruners import METHODS, PruneSettings, prune_model
-from pruners.actions import CompensateBias, Factorize, RemoveStructures
+from pruners.actions import CompensateBias, Factorize, PruneChannels, RemoveStructures
 from pruners.allocation import ByUnits
 from pruners.estimators import ActivationEstimator, BlockInfluence
 from pruners.methods import Composition
@@ -19,6 +19,7 @@ from tests.conftest import COMMON, settings_for, tiny_model
 
 
 FACTORIZE_ON_LAYER = Factorize.on_layer
+PRUNE_CHANNELS_ON_LAYER = PruneChannels.on_layer
 
 
 @pytest.fixture
@@ -226,6 +227,55 @@ def test_propagation_feeds_the_next_layer_dense_or_compressed_outputs(monkeypatc
         assert torch.allclose(dense_seen[index], dense_hidden[index], atol=1e-5)
         assert torch.allclose(compressed_seen[index], compressed_hidden[index], atol=1e-5)
     assert not torch.allclose(dense_seen[2], compressed_seen[2], atol=1e-3)
+
+
+def _mlp_moments_seen(monkeypatch, propagate: str, batches) -> tuple[dict[int, torch.Tensor], torch.nn.Module]:
+    """What the MLP step of lorap (refit, so with second moments) sees of down_proj's inputs, per layer."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def recording(self, context, step):
+        name = f"model.layers.{step.index}.mlp.down_proj"
+        seen[step.index] = step.statistics[name].second_moment / step.statistics[name].count
+        return PRUNE_CHANNELS_ON_LAYER(self, context, step)
+
+    monkeypatch.setattr(PruneChannels, "on_layer", recording)
+    model = tiny_model("llama")
+    prune_model(model, None, _settings("lorap", deco_method="SVDLLM", refit=True, propagate=propagate),
+                log=lambda _: None, batches=batches)
+    return seen, model
+
+
+def _down_proj_moment(model: torch.nn.Module, batches: torch.Tensor, index: int) -> torch.Tensor:
+    """E[x x^T] of the inputs of layer ``index``'s down_proj on ``batches``."""
+    captured = []
+    down_proj = model.model.layers[index].mlp.down_proj
+    handle = down_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=batches)
+    finally:
+        handle.remove()
+    x = torch.cat(captured).reshape(-1, captured[0].shape[-1]).double()
+    return x.T @ x / x.shape[0]
+
+
+def test_sequential_propagation_fits_the_mlp_on_its_compressed_attention(monkeypatch, batches):
+    """With --propagate sequential, layer i's MLP step sees what layer i's compressed attention feeds it; with
+    compressed, what the dense attention would (the layers before compressed in both)."""
+    import copy
+
+    compressed_seen, _ = _mlp_moments_seen(monkeypatch, "compressed", batches)
+    sequential_seen, sequential = _mlp_moments_seen(monkeypatch, "sequential", batches)
+    index = 1
+    # the reference: the layers before ``index`` compressed, layer ``index``'s attention compressed, MLP dense
+    reference = copy.deepcopy(sequential)
+    reference.model.layers[index].mlp = tiny_model("llama").model.layers[index].mlp
+    expected = _down_proj_moment(reference, batches, index)
+    assert torch.allclose(sequential_seen[index], expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(compressed_seen[index], expected, atol=1e-6, rtol=1e-4)
+    # layer 0 under compressed: the dense model's own down_proj inputs
+    assert torch.allclose(compressed_seen[0], _down_proj_moment(tiny_model("llama"), batches, 0), atol=1e-6,
+                          rtol=1e-4)
 
 
 def test_statistics_live_one_layer_at_a_time(monkeypatch, batches):
