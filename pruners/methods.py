@@ -253,12 +253,13 @@ METHODS: dict[str, Composition] = {
         "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
         "factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels by "
         "Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed outputs of the "
-        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss)",
+        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss), on 512 "
+        "calibration windows",
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"para_allocate", "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit",
                          "allocation"}),
-        defaults={"refit": True, "allocation": "loss"}, fixed={"deco_method": "SVDLLM"},
+        defaults={"refit": True, "allocation": "loss", "nsamples": 512}, fixed={"deco_method": "SVDLLM"},
     ),
     "flatllm": Composition(
         "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",

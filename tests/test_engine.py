@@ -64,7 +64,7 @@ def test_a_method_default_fills_only_what_the_user_left_unset():
 
     default = resolved(PruneSettings())
     assert (default.prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
-            default.propagate, default.allocation) == ("whitened_lorap", "SVDLLM", "self_attn,mlp", True, 128,
+            default.propagate, default.allocation) == ("whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512,
                                                       "compressed", "loss")
     flap_refit = resolved(PruneSettings(prune_method="flap_refit"))
     assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
