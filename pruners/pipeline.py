@@ -155,7 +155,7 @@ class LayerPipeline:
             # what the layer holds before its turn (on the CPU, before any move to the device)
             used = module_extents(self.layers()[index]) if self.low_memory else []
             with self.placed(self.layers()[index]) as layer:
-                with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as stats:
+                with self._observing(observed) as stats:
                     outputs = run_layer(layer, inputs)
                 step = LayerPass(index, layer, inputs, outputs, stats)
                 for position, each in enumerate(steps):
@@ -171,7 +171,7 @@ class LayerPipeline:
         if (after or run_head) and self.head is not None:
             head = self.head()
             home = next(self.model.get_output_embeddings().parameters()).device
-            with observe_inputs({name: self.model.get_submodule(name) for name in after}, after) as stats:
+            with self._observing(after) as stats:
                 for args, kwargs in inputs:
                     head(hidden_of(args, kwargs).to(home))
             last = LayerPass(-1, None, inputs, [], stats)
@@ -181,6 +181,9 @@ class LayerPipeline:
             if self.low_memory:
                 release_module(self.model.get_output_embeddings())
 
+    def _observing(self, observed: dict[str, bool]):
+        """Statistics hooks on the ``observed`` modules (name -> second moments wanted)."""
+        return observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed)
 
     def _recollect(self, context, step, index: int, layer: nn.Module, inputs: list[tuple[tuple, dict]],
                    statistics: dict[str, InputStatistics]) -> dict[str, InputStatistics]:
@@ -188,7 +191,7 @@ class LayerPipeline:
         observed = _observed(context, [step], index)
         if not observed:
             return statistics
-        with observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed) as fresh:
+        with self._observing(observed) as fresh:
             run_layer(layer, inputs)
         return {**statistics, **fresh}
 

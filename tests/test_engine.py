@@ -1,6 +1,7 @@
 """The engine: every method a composition on one pipeline, every action recorded, unread flags refused."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -14,7 +15,7 @@ from pruners.allocation import ByUnits
 from pruners.estimators import ActivationEstimator, BlockInfluence
 from pruners.methods import Composition
 from pruners.record import ActionRecord, load_record
-from pruners.statistics import InputStatistics
+from pruners.statistics import InputStatistics, collect_input_statistics
 from tests.conftest import COMMON, settings_for, tiny_model
 
 
@@ -247,23 +248,14 @@ def _mlp_moments_seen(monkeypatch, propagate: str, batches) -> tuple[dict[int, t
 
 def _down_proj_moment(model: torch.nn.Module, batches: torch.Tensor, index: int) -> torch.Tensor:
     """E[x x^T] of the inputs of layer ``index``'s down_proj on ``batches``."""
-    captured = []
-    down_proj = model.model.layers[index].mlp.down_proj
-    handle = down_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(input_ids=batches)
-    finally:
-        handle.remove()
-    x = torch.cat(captured).reshape(-1, captured[0].shape[-1]).double()
-    return x.T @ x / x.shape[0]
+    name = f"model.layers.{index}.mlp.down_proj"
+    stats = collect_input_statistics(model, batches, [name], progress=False, second_moments=True)[name]
+    return stats.second_moment / stats.count
 
 
 def test_sequential_propagation_fits_the_mlp_on_its_compressed_attention(monkeypatch, batches):
     """With --propagate sequential, layer i's MLP step sees what layer i's compressed attention feeds it; with
     compressed, what the dense attention would (the layers before compressed in both)."""
-    import copy
-
     compressed_seen, _ = _mlp_moments_seen(monkeypatch, "compressed", batches)
     sequential_seen, sequential = _mlp_moments_seen(monkeypatch, "sequential", batches)
     index = 1
