@@ -51,6 +51,14 @@ def fail(message: object) -> int:
     return 2
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """A comma list of numbers, '0.25,0.5'."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of fractions such as 0.25,0.5, got '{text}'")
+
+
 def str_to_bool(text: str) -> bool:
     """A real boolean flag: 'False', 'false', '0', 'no' mean false."""
     lowered = text.strip().lower()
@@ -114,8 +122,14 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
                              "channels go (block mode; llm_pruner, flap, wanda_sp, mag_sp, lorap)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                         help="how the budget spreads over sub-layers: the method's own rule, or loss: each "
-                             "attention / MLP compressed alone at 25%% and 50%%, the budget spent where the "
+                             "attention / MLP compressed alone at --loss_levels, the budget spent where the "
                              "measured KL to the dense model per parameter is lowest (block mode; minutes)")
+    parser.add_argument("--loss_windows", type=int, default=None,
+                        help="--allocation loss: calibration windows the KL is measured on (None: the method's: "
+                             "32 for whitened_lorap, else 16)")
+    parser.add_argument("--loss_levels", type=fractions, default=None,
+                        help="--allocation loss: comma list of the fractions each sub-layer is measured at (None: "
+                             "the method's: 0.125,0.25,0.5 for whitened_lorap, else 0.25,0.5)")
 
 
 def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
@@ -166,7 +180,7 @@ def _data_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> Non
                         help="calibration corpus")
     parser.add_argument("--nsamples", type=int, default=defaults.nsamples,
                         help="calibration windows for activation statistics (None: the method's: 512 for "
-                             "flap_refit, else 128)")
+                             "whitened_lorap and flap_refit, else 128)")
     parser.add_argument("--num_examples", type=int, default=defaults.num_examples,
                         help="calibration windows (gradients)")
     parser.add_argument("--seq_len", type=int, default=defaults.seq_len,

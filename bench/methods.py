@@ -113,6 +113,16 @@ RUNS: dict[str, dict] = {
                                                "propagate": "compressed", "allocation": "loss", "nsamples": 512},
     "llm_pruner-param_first-refit-512": {"prune_method": "llm_pruner", "pruner_type": "taylor",
                                          "taylor": "param_first", "refit": True, "nsamples": 512, **LAYERS_4_ON},
+    # the loss curves measured on 32 windows at 12.5%, 25% and 50% of each sub-layer (the default since 2026-12-02)
+    "lorap-SVDLLM-compressed-refit-loss-512-w32": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                                   "propagate": "compressed", "allocation": "loss", "nsamples": 512,
+                                                   "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5)},
+    # MLP channels in their greedy optimal-brain-surgeon order under the refit (--mlp_metric obs)
+    "lorap-SVDLLM-compressed-refit-obs": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                          "propagate": "compressed", "mlp_metric": "obs"},
+    "lorap-SVDLLM-compressed-refit-loss-512-obs": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                                   "propagate": "compressed", "allocation": "loss", "nsamples": 512,
+                                                   "mlp_metric": "obs"},
 }
 RATIOS = (0.2, 0.5)
 

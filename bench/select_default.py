@@ -36,7 +36,8 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "lorap-SVDLLM-compressed-refit-WIFV", "lorap-SVDLLM-compressed-refit-WIFV-512",
               "lorap-SVDLLM-sequential-refit", "llm_pruner-param_first-refit-512",
               "lorap-SVDLLM-compressed-refit-loss-512", "lorap-SVDLLM-compressed-refit-para2",
-              "lorap-SVDLLM-compressed-refit-para5")
+              "lorap-SVDLLM-compressed-refit-para5", "lorap-SVDLLM-compressed-refit-obs",
+              "lorap-SVDLLM-compressed-refit-loss-512-obs", "lorap-SVDLLM-compressed-refit-loss-512-w32")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 
@@ -83,7 +84,8 @@ def write_table() -> str:
              "Lowest first.", "",
              "| candidate | settings | removed | held-out PPL |", "|---|---|---|---|"]
     for row in measured:
-        flags = " ".join(f"--{key} {value}" for key, value in row["settings"].items())
+        flags = " ".join(f"--{key} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+                         for key, value in row["settings"].items())
         lines.append(f"| {row['run']} | `{flags}` | {row['achieved_ratio']:.2%} | {row['heldout_ppl']:.2f} |")
     TABLE.write_text("\n".join(lines) + "\n")
     return TABLE.read_text()

@@ -111,7 +111,8 @@ class PruneChannels:
             return {}
         from pruners.estimators import input_linears
 
-        return {name: self.refit for name in input_linears(context.graph, context.graph.in_layer(index, "channels"))}
+        second_moments = self.refit or getattr(self.estimator, "needs_second_moments", False)
+        return {name: second_moments for name in input_linears(context.graph, context.graph.in_layer(index, "channels"))}
 
     def on_layer(self, context, step) -> None:
         if step.index not in context.selection.get("mlp", []):

@@ -25,9 +25,14 @@ def check_numbers(settings: PruneSettings) -> None:
     """Counts and sizes that must be positive."""
     settings = resolved(settings)
     for flag, value, least in (("--nsamples", settings.nsamples, 1), ("--num_examples", settings.num_examples, 1),
-                               ("--seq_len", settings.seq_len, 2), ("--round_to", settings.round_to, 1)):
+                               ("--seq_len", settings.seq_len, 2), ("--round_to", settings.round_to, 1),
+                               ("--loss_windows", settings.loss_windows, 1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    levels = list(settings.loss_levels)
+    if not levels or any(not 0 < level < 1 for level in levels) or levels != sorted(set(levels)):
+        raise ValueError(f"--loss_levels must be increasing fractions between 0 and 1 (e.g. 0.25,0.5), got "
+                         f"{','.join(map(str, levels))}")
     if settings.para_allocate <= 0:
         raise ValueError(f"--para_allocate must be positive (rank of v/o over q/k), got {settings.para_allocate}")
 

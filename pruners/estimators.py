@@ -312,7 +312,7 @@ def input_linears(graph: DependencyGraph, space: Space) -> list[str]:
     return sorted(set(found))
 
 
-ACTIVATION_METRICS = ("IFV", "WIFV", "WIFN", "wanda_sp", "mag_sp")
+ACTIVATION_METRICS = ("IFV", "WIFV", "WIFN", "wanda_sp", "mag_sp", "obs")
 FLUCTUATION_METRICS = ("IFV", "WIFV", "WIFN")  # FLAP's own
 HEAD_KINDS = ("heads", "kv_heads")
 
@@ -330,7 +330,8 @@ class ActivationEstimator:
     A space is scored through the linear layers whose *input* features belong to it (o_proj for heads,
     down_proj for MLP channels): per input column j with statistics of x_j over calibration tokens,
     IFV = Var(x_j); WIFV = Var(x_j) * sum_i W_ij^2; WIFN = mean_i |W_ij| * ||x_j||; wanda_sp = sum_i |W_ij| *
-    ||x_j||; mag_sp = sum_i |W_ij|.
+    ||x_j||; mag_sp = sum_i |W_ij|. ``obs`` ranks the columns by their greedy optimal-brain-surgeon order under
+    the least-squares refit (``pruners.refit.greedy_removal_costs``; MLP channels only, on x x^T).
     """
 
     metric: str = "WIFV"
@@ -347,6 +348,10 @@ class ActivationEstimator:
     def name(self) -> str:
         return self.metric
 
+    @property
+    def needs_second_moments(self) -> bool:
+        return self.metric == "obs"
+
     def scores(self, graph, spaces, batches, statistics: dict[str, InputStatistics] | None = None):
         """Scores of ``spaces`` from ``statistics`` (or from statistics gathered now on ``batches``)."""
         self._check()
@@ -355,7 +360,8 @@ class ActivationEstimator:
             if batches is None:
                 raise ValueError(f"{self.metric} needs calibration samples (--nsamples)")
             statistics = collect_input_statistics(graph.model, batches, sorted({m for v in layers.values() for m in v}),
-                                                  layers=graph.rule.decoder_layers(graph.model))
+                                                  layers=graph.rule.decoder_layers(graph.model),
+                                                  second_moments=self.needs_second_moments)
         self.statistics = statistics
         return {space.name: self.score_space(graph, space, statistics or {}, layers[space.name]) for space in spaces}
 
@@ -378,7 +384,7 @@ class ActivationEstimator:
 
     def observes(self, context, index):
         inside = self._layer_modules(context, index)
-        return {name: False for names in self._readers.values() for name in names if inside(name)}
+        return {name: self.needs_second_moments for names in self._readers.values() for name in names if inside(name)}
 
     @staticmethod
     def _layer_modules(context, index):
@@ -406,6 +412,8 @@ class ActivationEstimator:
         readers = input_linears(graph, space) if readers is None else readers
         if not readers:
             raise ValueError(f"{space.name} has no linear layer reading it: {self.metric} cannot score it")
+        if self.metric == "obs" and space.kind != "channels":
+            raise ValueError(f"the obs metric ranks MLP channels, not {space.kind}: use it as --mlp_metric")
         vectors = {}
         for module_name in readers:
             weight = graph.model.get_submodule(module_name).weight.detach().double().cpu()
@@ -422,6 +430,10 @@ class ActivationEstimator:
         return score
 
     def _column_scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> np.ndarray:
+        if self.metric == "obs":
+            from pruners.refit import greedy_removal_costs
+
+            return greedy_removal_costs(weight, stats)
         if self.metric == "mag_sp":
             return weight.abs().sum(0).numpy()
         if self.metric == "IFV":

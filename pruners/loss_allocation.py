@@ -266,7 +266,7 @@ class LossDriven:
             allocation = self.inner.allocation_at(context, fractions)
         else:
             allocation, fractions = self._unit_allocation(context, curves, context.removable())
-        context.record.add("allocate", method="loss curves", windows=self.windows,
+        context.record.add("allocate", method="loss curves", windows=self.windows, levels=list(self.levels),
                            fractions={_label(key): round(f, 4) for key, f in fractions.items()},
                            curves={_label(key): [[round(x, 4), round(v, 6)] for x, v in zip(c.fractions, c.losses)]
                                    for key, c in curves.items()})

@@ -21,7 +21,7 @@ from pruners.estimators import (ActivationEstimator, BlockInfluence, MagnitudeEs
                                 TaylorEstimator, Uniform)
 from pruners.flatllm import ImportancePreserving, KeepChannelsRefit, RotateValues
 from pruners.lorap import SharedFraction
-from pruners.loss_allocation import ALLOCATIONS, LossDriven
+from pruners.loss_allocation import ALLOCATIONS, LEVELS as LOSS_LEVELS, WINDOWS as LOSS_WINDOWS, LossDriven
 from pruners.pipeline import PROPAGATIONS, LayerPipeline
 from pruners.refit import Refit
 from pruners.record import ActionRecord
@@ -58,7 +58,7 @@ class PruneSettings:
     deco_method: str = "AWSVD"  # AWSVD | AFM | SVD | SVDLLM (whitened, truncation-aware)
     para_allocate: float = 3.0  # rank of v/o over rank of q/k
     mlp_compress_method: str = "prune"  # prune | decom
-    mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp
+    mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp | obs
     real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
     remove_heads: int = -1  # FLAP: query heads removed in every selected attention (-1: allocate by score)
     # FLAT-LLM's MLP channel score: leverage (the paper's ridge leverage) | energy (E[h^2] ||W_down[:, j]||^2)
@@ -72,6 +72,10 @@ class PruneSettings:
     # how the budget is spread: "method" (its own rule: LoRAP's shared fraction, --structure, ...) or "loss"
     # (per sub-layer from measured loss curves, pruners.loss_allocation; None: the method's)
     allocation: str | None = None
+    # --allocation loss: calibration windows the divergence is measured on, and the fractions of each sub-layer
+    # it is measured at (None: the method's, else 16 and (0.25, 0.5))
+    loss_windows: int | None = None
+    loss_levels: tuple[float, ...] | None = None
     # keep resident memory near one layer: memory-mapped weights are handed back after use, Taylor takes one
     # checkpointed backward whose gradients are reduced and freed weight by weight (same plan, less memory)
     low_memory: bool = False
@@ -148,11 +152,16 @@ def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
     return ActivationEstimator(settings.metrics, standardize_columns=(settings.structure or "UL-UM") != "UL-UM")
 
 
+def loss_measurement(settings: PruneSettings) -> dict:
+    """The loss curves' windows and levels (``resolved`` settings)."""
+    return {"windows": settings.loss_windows, "levels": tuple(settings.loss_levels)}
+
+
 def units_allocator(settings: PruneSettings):
     """Unit allocation by --structure, or FLAP's fixed --remove_heads per attention; with --allocation loss
     whole units taken cheapest first on measured loss curves."""
     if settings.allocation == "loss":
-        return LossDriven(ByUnits("UL-UM", settings.round_to), refit=bool(settings.refit))
+        return LossDriven(ByUnits("UL-UM", settings.round_to), refit=bool(settings.refit), **loss_measurement(settings))
     if settings.remove_heads >= 0 and settings.mode == "block":
         return FixedHeads(settings.remove_heads, settings.round_to)
     return ByUnits(settings.structure or "UL-UM", settings.round_to)
@@ -166,13 +175,13 @@ def lorap_allocator(settings: PruneSettings):
     if settings.allocation != "loss":
         return shared
     return LossDriven(shared, settings.deco_method, bool(settings.refit),
-                      score_space=ActivationEstimator(settings.mlp_metric).score_space)
+                      score_space=ActivationEstimator(settings.mlp_metric).score_space, **loss_measurement(settings))
 
 
 def svd_llm_allocator(settings: PruneSettings):
     """Every matrix keeps the same fraction of its parameters, or (--allocation loss) every sub-layer its own."""
     shared = SharedFraction(1.0, ("self_attn", "mlp"), by_size=True)
-    return LossDriven(shared, "SVDLLM") if settings.allocation == "loss" else shared
+    return LossDriven(shared, "SVDLLM", **loss_measurement(settings)) if settings.allocation == "loss" else shared
 
 
 def removal(settings: PruneSettings) -> list:
@@ -253,13 +262,14 @@ METHODS: dict[str, Composition] = {
         "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
         "factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels by "
         "Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed outputs of the "
-        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss), on 512 "
-        "calibration windows",
+        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss, KL on 32 "
+        "windows at 12.5%, 25% and 50% of each sub-layer), on 512 calibration windows",
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"para_allocate", "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit",
                          "allocation"}),
-        defaults={"refit": True, "allocation": "loss", "nsamples": 512}, fixed={"deco_method": "SVDLLM"},
+        defaults={"refit": True, "allocation": "loss", "nsamples": 512, "loss_windows": 32,
+                  "loss_levels": (0.125, 0.25, 0.5)}, fixed={"deco_method": "SVDLLM"},
     ),
     "flatllm": Composition(
         "FLAT-LLM: head-wise PCA of values, IPRS layer ratios, MLP selection with least squares",
@@ -323,7 +333,9 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
     return replace(settings, mode=mode, allocation=settings.allocation or "method",
                    sublayer=settings.sublayer or composition.sublayer,
                    propagate=settings.propagate or composition.propagate, refit=bool(settings.refit),
-                   nsamples=NSAMPLES if settings.nsamples is None else settings.nsamples)
+                   nsamples=NSAMPLES if settings.nsamples is None else settings.nsamples,
+                   loss_windows=LOSS_WINDOWS if settings.loss_windows is None else settings.loss_windows,
+                   loss_levels=tuple(LOSS_LEVELS if settings.loss_levels is None else settings.loss_levels))
 
 
 def unread_settings(settings: PruneSettings, composition: Composition | None = None) -> list[str]:
@@ -335,7 +347,7 @@ def unread_settings(settings: PruneSettings, composition: Composition | None = N
     if mode != "block":
         reads = reads - NOT_IN_CHANNEL_MODE
     if allocation_of(settings, composition) == "loss" and "allocation" in reads:
-        reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples"}  # the curves' windows
+        reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples", "loss_windows", "loss_levels"}  # the curves
     defaults = PruneSettings()
     return [f.name for f in fields(PruneSettings)
             if f.name not in reads and getattr(settings, f.name) != getattr(defaults, f.name)]
@@ -453,6 +465,9 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     composition = method or composition_of(settings)
     check_settings_read(settings, composition)
     settings = resolved(settings, composition)
+    from pruners.checks import check_numbers
+
+    check_numbers(settings)
     start = time.perf_counter()
     before = count_parameters(model)
     budget = int(round(settings.pruning_ratio * before))
@@ -462,7 +477,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     stages = {"trace": time.perf_counter() - start}
     selection = sublayer_selection(settings, graph.num_layers)
     spaces = composition.select(graph, settings, selection)
-    record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=asdict(settings))
+    as_json = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(settings).items()}
+    record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=as_json)
     if budget:
         samples = max(composition.samples(settings), settings.nsamples if settings.allocation == "loss" else 0)
         batches = _calibration(tokenizer, settings, samples, batches)

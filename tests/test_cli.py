@@ -82,6 +82,7 @@ def test_booleans_mean_what_they_say():
     assert args.bias_compensation is False and args.test_after_train is False
     with pytest.raises(SystemExit):
         hf_prune.build_parser().parse_args(["--bias_compensation", "maybe"])
+    assert hf_prune.build_parser().parse_args(["--loss_levels", "0.1,0.3"]).loss_levels == (0.1, 0.3)
 
 
 def test_prune_a_folder_end_to_end(tiny_folder, tmp_path, capsys):
@@ -139,6 +140,9 @@ def test_saving_over_the_input_is_refused(tiny_folder, capsys):
     (["--eval_datasets", "wikitext2,foo"], "--eval_datasets"),
     (["--sublayer", "attn"], "--sublayer"),
     (["--nsamples", "0"], "--nsamples"),
+    (["--loss_levels", "0.25,half"], "--loss_levels"),
+    (["--loss_levels", "0.5,0.25"], "--loss_levels must be increasing"),
+    (["--prune_method", "lorap", "--loss_windows", "8"], "--loss_windows is not read"),
     (["--seq_len", "64", "--max_tokens", "32"], "--max_tokens"),
     (["--device", "nonsense"], "--device"),
     (["--block_mlp_layer_start", "5"], "--block_mlp_layer_start"),

@@ -124,10 +124,33 @@ def test_no_budget_changes_nothing(batches):
     (dict(prune_method="flatllm", allocation="loss"), "--allocation is not read by --prune_method flatllm"),
     (dict(prune_method="flap", mode="channel", allocation="loss"), "--allocation is not read"),
     (dict(prune_method="flap", allocation="measured"), "unknown --allocation measured: choose from method, loss"),
+    (dict(prune_method="lorap", loss_windows=8), "--loss_windows is not read"),
+    (dict(prune_method="lorap", allocation="loss", loss_windows=0), "--loss_windows must be at least 1"),
+    (dict(prune_method="lorap", allocation="loss", loss_levels=(0.5, 0.25)), "--loss_levels must be increasing"),
+    (dict(prune_method="lorap", allocation="loss", loss_levels=(0.25, 1.0)), "--loss_levels must be increasing"),
 ])
 def test_what_a_measured_allocation_cannot_use_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+
+
+def test_the_curves_are_measured_on_the_windows_and_at_the_levels_asked(monkeypatch, batches):
+    seen = {}
+    original = LossDriven.curves
+
+    def checked(self, context):
+        seen["windows"], seen["levels"] = self.windows, self.levels
+        curves = original(self, context)
+        seen["points"] = {len(curve.fractions) for curve in curves.values()}
+        return curves
+
+    monkeypatch.setattr(LossDriven, "curves", checked)
+    report = prune_model(tiny_model("llama"), None, _settings("lorap", loss_windows=4, loss_levels=(0.1, 0.3, 0.6)),
+                         log=lambda _: None, batches=batches)
+    assert (seen["windows"], seen["levels"]) == (4, (0.1, 0.3, 0.6))
+    assert max(seen["points"]) == 3  # a point per level (fewer only where two levels remove the same)
+    entry = report.record.of("allocate")[0]
+    assert (entry["windows"], entry["levels"]) == (4, [0.1, 0.3, 0.6])
 
 
 def test_the_divergence_is_the_kl_of_the_model_from_the_dense_one(batches):

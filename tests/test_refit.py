@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from depgraph import DependencyGraph
 from modelio import load_model, save_model
 from pruners import PruneSettings, prune_model
-from pruners.refit import least_squares_weight
+from pruners.estimators import ActivationEstimator
+from pruners.refit import greedy_removal_costs, least_squares_weight
 from pruners.statistics import InputStatistics
 from tests.conftest import COMMON, settings_for, tiny_model
 
@@ -41,6 +43,45 @@ def test_the_refit_is_the_least_squares_solution(intercept):
         assert torch.allclose(bias, expected[:, -1], atol=1e-2)
     else:
         assert bias is None
+
+
+def _refit_error(x: torch.Tensor, weight: torch.Tensor, removed: set[int]) -> float:
+    kept = torch.tensor(sorted(set(range(weight.shape[1])) - removed))
+    refit, _ = least_squares_weight(weight, _statistics(x), kept)
+    return float((x @ weight.T - x[:, kept] @ refit.T).pow(2).sum(1).mean())
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_the_obs_order_is_the_greedy_order_of_the_refit_error(block):
+    generator = torch.Generator().manual_seed(1)
+    # correlated inputs: a column the others reproduce is cheap to drop even when it is large
+    x = torch.randn(600, 6, generator=generator, dtype=torch.float64) @ torch.randn(6, 14, generator=generator,
+                                                                                     dtype=torch.float64)
+    x = x + 0.05 * torch.randn(600, 14, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 14, generator=generator, dtype=torch.float64)
+    order = [int(j) for j in torch.argsort(torch.as_tensor(greedy_removal_costs(weight, _statistics(x), block)))]
+    assert sorted(order) == list(range(14))
+    removed: set[int] = set()
+    for step in range(0, 9, block):  # each block's columns are the block cheapest to remove after the earlier ones
+        costs = {j: _refit_error(x, weight, removed | {j}) for j in range(14) if j not in removed}
+        cheapest = sorted(costs, key=costs.get)[:block]
+        assert set(order[step: step + block]) == set(cheapest)
+        removed |= set(cheapest)
+    wanda = (weight.abs() * (x.pow(2).mean(0)).sqrt()).sum(0)
+    by_wanda = {int(j) for j in torch.argsort(wanda)[:7]}
+    assert _refit_error(x, weight, set(order[:7])) <= _refit_error(x, weight, by_wanda) + 1e-9
+
+
+def test_lorap_prunes_mlp_channels_in_obs_order(batches):
+    model = tiny_model("llama")
+    report = prune_model(model, None, _settings("lorap", refit=True, mlp_metric="obs"), log=lambda _: None,
+                         batches=batches)
+    assert report.record.of("remove") and report.record.of("refit")
+    assert report.achieved_ratio == pytest.approx(0.3, abs=0.03)
+    graph = DependencyGraph.build(tiny_model("llama"))
+    heads = graph.in_layer(0, "heads")
+    with pytest.raises(ValueError, match="obs metric ranks MLP channels"):
+        ActivationEstimator("obs").score_space(graph, heads, {})
 
 
 def _mlp_error(model, dense, batches) -> float:
