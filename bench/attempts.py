@@ -10,8 +10,9 @@ and prunes SmolLM2 by 20% of all parameters in a fresh process. Rows give the he
 tokens, seq 128: for reporting only).
 
 - ``obs-channels``: MLP channels chosen greedily by their optimal-brain-surgeon cost (SlimGPT / ZipLM): with
-  H = E[h h^T] of down_proj's inputs, remove the channel j with the least ||W[:, j]||^2 / [H^-1]_jj, update W
-  and H^-1 by the rank-one downdate, repeat; the end state is the least-squares refit over the kept channels.
+  H = E[h h^T] of down_proj's inputs, remove the channels with the least ||W[:, j]||^2 / [H^-1]_jj, update W
+  and H^-1, repeat; the refit over the kept channels follows. It began here and is now the library's
+  ``--mlp_metric obs`` (``pruners.refit.greedy_removal_costs``), which this attempt runs.
 - ``dense-targets``: o_proj and down_proj refitted towards the dense model's residual stream (the compressed
   layer's inputs, the dense layer's outputs, GPTAQ's asymmetric calibration) instead of towards their own
   outputs on the compressed inputs.
@@ -25,7 +26,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -35,67 +36,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.select_default import append_child_rows  # noqa: E402
-from depgraph import Plan  # noqa: E402
 from pruners import METHODS  # noqa: E402
-from pruners.actions import PruneChannels, record_removals  # noqa: E402
-from pruners.compensation import removed_input_columns  # noqa: E402
-from pruners.methods import PruneSettings, lorap_actions  # noqa: E402
+from pruners.methods import PruneSettings  # noqa: E402
 
 ROWS = ROOT / "bench" / "results" / "attempts.jsonl"
 TABLE = ROOT / "bench" / "results" / "attempts.md"
 BASELINE = {"prune_method": "lorap", "deco_method": "AWSVD", "refit": True, "propagate": "compressed"}
 ATTEMPTS = ("baseline", "obs-channels", "dense-targets")
 DAMPING = 1e-4  # relative to the mean diagonal, as pruners.refit
-
-
-# -- obs-channels ---------------------------------------------------------------------------------------------
-def obs_removal(weight: torch.Tensor, moment: torch.Tensor, count: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy OBS removal of ``count`` input columns of ``weight`` ([out, in], float64) under the input second
-    moment ``moment``; returns the removed columns and the compensated weight."""
-    n = moment.shape[0]
-    inverse = torch.linalg.inv(moment + DAMPING * moment.diagonal().mean() * torch.eye(n, dtype=moment.dtype))
-    weight, alive, removed = weight.clone(), torch.ones(n, dtype=torch.bool), []
-    for _ in range(count):
-        cost = (weight * weight).sum(0) / inverse.diagonal().clamp_min(1e-300)
-        cost[~alive] = float("inf")
-        j = int(torch.argmin(cost))
-        weight -= torch.outer(weight[:, j], inverse[j]) / inverse[j, j]
-        inverse -= torch.outer(inverse[:, j], inverse[j]) / inverse[j, j]
-        alive[j], weight[:, j] = False, 0.0
-        removed.append(j)
-    return sorted(removed), weight
-
-
-@dataclass
-class ObsChannels(PruneChannels):
-    """PruneChannels whose channels are chosen by OBS cost (the refit comes with the selection)."""
-
-    def observes(self, context, index):
-        return {name: True for name in super().observes(context, index)}
-
-    def on_layer(self, context, step) -> None:
-        if step.index not in context.selection.get("mlp", []):
-            return
-        space = context.graph.in_layer(step.index, "channels")
-        per_channel = space.parameter_count(0)
-        count = int(round(min(context.ledger.due(step.index), (space.size - 1) * per_channel) / per_channel))
-        if count <= 0:
-            return
-        (down_name,) = removed_input_columns(context.graph, Plan(remove={space.name: [0]}))
-        down, stats = context.model.get_submodule(down_name), step.statistics[down_name]
-        removed, weight = obs_removal(down.weight.detach().double().cpu(), stats.second_moment.double() / stats.count,
-                                      count)
-        with torch.no_grad():
-            down.weight.copy_(weight.to(down.weight.dtype))
-        plan = Plan(remove={space.name: removed})
-        record_removals(context, plan)
-        context.ledger.spend(len(removed) * per_channel)
-        context.graph.apply(plan)
-
-
-def obs_actions(settings: PruneSettings) -> list:
-    factorize, channels = lorap_actions(settings)
-    return [factorize, ObsChannels(channels.estimator, channels.round_to, refit=True)]
 
 
 # -- dense-targets --------------------------------------------------------------------------------------------
@@ -185,8 +133,9 @@ def run_one(name: str) -> dict:
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     settings = PruneSettings(pruning_ratio=0.2, **BASELINE)
-    lorap = METHODS["lorap"]
-    method = replace(lorap, actions=obs_actions) if name == "obs-channels" else lorap
+    if name == "obs-channels":
+        settings = replace(settings, mlp_metric="obs")
+    method = METHODS["lorap"]
     if name == "dense-targets":
         ORIGINAL_RUN, LayerPipeline.run = LayerPipeline.run, dense_target_run
     heldout = heldout_batches(tokenizer, settings.calibration, 64, 128, settings.seed)
