@@ -28,7 +28,7 @@ WHITENING_DAMPING = 1e-6  # eigenvalues below this fraction of the largest are r
 def whitening(stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S^-1) with S S^T = E[x x^T] (damped), from its eigendecomposition in float64 (no Cholesky: the
     moment of a layer's inputs is often singular)."""
-    moment = stats.second_moment.double() / max(stats.count, 1)
+    moment = stats.moment
     values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
     values = values.clamp_min(WHITENING_DAMPING * values.max().clamp_min(1e-30))
     return vectors * values.sqrt()[None, :], (vectors / values.sqrt()[None, :]).T
@@ -63,7 +63,7 @@ def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: Input
         u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
         half = s[:rank].sqrt()
         return (half[:, None] * vh[:rank]) @ inverse_root, (u[:, :rank] * half[None, :])
-    covariance = w @ (stats.second_moment.double() / max(stats.count, 1)) @ w.T
+    covariance = w @ (stats.moment) @ w.T
     _, vectors = torch.linalg.eigh(covariance)
     basis = vectors[:, -rank:].flip(-1) if rank else vectors[:, :0]
     return basis.T @ w, basis

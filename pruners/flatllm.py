@@ -199,9 +199,7 @@ class KeepChannelsRefit:
         if keep >= width:
             return
         stats = step.statistics[down_name]
-        gram = stats.second_moment.double()
-        moment = gram / max(stats.count, 1)
-        score = MLP_SCORES[self.score](gram, moment, down.weight.detach())
+        score = MLP_SCORES[self.score](stats.second_moment.double(), stats.moment, down.weight.detach())
         kept = np.sort(np.argsort(-score.numpy(), kind="stable")[:keep])
         refit, _ = least_squares_weight(down.weight, stats, torch.as_tensor(kept))
         plan = Plan(remove={space.name: sorted(set(range(width)) - set(kept.tolist()))})

@@ -154,7 +154,7 @@ def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
 
 def loss_measurement(settings: PruneSettings) -> dict:
     """The loss curves' windows and levels (``resolved`` settings)."""
-    return {"windows": settings.loss_windows, "levels": tuple(settings.loss_levels)}
+    return {"windows": settings.loss_windows, "levels": settings.loss_levels}
 
 
 def units_allocator(settings: PruneSettings):

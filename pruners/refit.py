@@ -23,7 +23,7 @@ DAMPING = 1e-4  # relative to the mean diagonal of C[S, S]
 def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
                          intercept: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W', bias change) for the kept input columns ``kept`` of ``weight`` ([out, in]), in float64."""
-    moment = stats.second_moment.double() / max(stats.count, 1)
+    moment = stats.moment
     mean = stats.mean.double()
     if intercept:
         moment = moment - torch.outer(mean, mean)
@@ -38,7 +38,7 @@ def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: tor
 
 
 def _damped_moment(stats: InputStatistics) -> torch.Tensor:
-    moment = stats.second_moment.double() / max(stats.count, 1)
+    moment = stats.moment
     damp = DAMPING * moment.diagonal().mean().clamp_min(1e-12)
     return moment + damp * torch.eye(moment.shape[0], dtype=moment.dtype)
 
@@ -60,21 +60,21 @@ def greedy_removal_costs(weight: torch.Tensor, stats: InputStatistics, block: in
     width = w.shape[1]
     block = block or max(1, width // 64)
     kept = torch.ones(width, dtype=torch.bool)
-    costs, order = np.empty(width), []
+    order, costs = [], []  # the columns in their removal order, and what each cost
     while kept.any():
         cost = w.pow(2).sum(0) / precision.diagonal().clamp_min(1e-300)
         cost[~kept] = float("inf")
         take = torch.topk(cost, min(block, int(kept.sum())), largest=False).indices
         take = take[torch.argsort(cost[take])]
-        costs[take.numpy()] = cost[take].numpy()
         order.extend(take.tolist())
+        costs.extend(cost[take].tolist())
         rows = precision[take]  # [b, width]
         inverse_block = torch.linalg.inv(rows[:, take])
         w -= w[:, take] @ inverse_block @ rows
         precision -= rows.T @ inverse_block @ rows
         kept[take] = False
         precision[take], precision[:, take] = 0, 0
-    ordered = np.maximum.accumulate(costs[order])
+    ordered = np.maximum.accumulate(costs)
     scores = np.empty(width)  # strictly increasing along the order, ties broken by it
     scores[order] = ordered + np.arange(width) * 1e-12 * max(float(ordered[-1]), 1e-300)
     return scores

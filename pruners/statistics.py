@@ -34,6 +34,11 @@ class InputStatistics:
         """Sum of x^2 over tokens divided by token count (Wanda's ``scaler_row``)."""
         return self.total_sq / max(self.count, 1)
 
+    @property
+    def moment(self) -> torch.Tensor:
+        """E[x x^T] over tokens, in float64 (needs ``second_moment``)."""
+        return self.second_moment.double() / max(self.count, 1)
+
 
 def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moments: bool):
     def hook(module, args):
