@@ -163,7 +163,9 @@ def _selection_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
     parser.add_argument("--propagate", choices=PROPAGATIONS, default=None,
                         help="calibrate layer i+1 on the dense or the compressed outputs of layer i; sequential: "
                              "compressed, and inside a layer the MLP on the outputs of its compressed attention "
-                             "(None: the method's: compressed for whitened_lorap, flap_refit and flatllm, else dense)")
+                             "; corrected: compressed, with the refits and factorizations fitted to the dense model's "
+                             "outputs (None: the method's: compressed for whitened_lorap, flap_refit and flatllm, "
+                             "else dense)")
     parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
                         help="remove query heads evenly inside every kv group, or whole kv groups")
     for block in ("attention", "mlp"):

@@ -117,6 +117,12 @@ RUNS: dict[str, dict] = {
     "lorap-SVDLLM-compressed-refit-loss-512-w32": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                                    "propagate": "compressed", "allocation": "loss", "nsamples": 512,
                                                    "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5)},
+    "lorap-SVDLLM-compressed-refit-loss-512-w64": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                                   "propagate": "compressed", "allocation": "loss", "nsamples": 512,
+                                                   "loss_windows": 64, "loss_levels": (0.125, 0.25, 0.5)},
+    # every refit and factorization fitted to the dense model's outputs (--propagate corrected)
+    "lorap-SVDLLM-corrected-refit": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                     "propagate": "corrected"},
     # MLP channels in their greedy optimal-brain-surgeon order under the refit (--mlp_metric obs)
     "lorap-SVDLLM-compressed-refit-obs": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                           "propagate": "compressed", "mlp_metric": "obs"},

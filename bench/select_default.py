@@ -37,7 +37,8 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "lorap-SVDLLM-sequential-refit", "llm_pruner-param_first-refit-512",
               "lorap-SVDLLM-compressed-refit-loss-512", "lorap-SVDLLM-compressed-refit-para2",
               "lorap-SVDLLM-compressed-refit-para5", "lorap-SVDLLM-compressed-refit-obs",
-              "lorap-SVDLLM-compressed-refit-loss-512-obs", "lorap-SVDLLM-compressed-refit-loss-512-w32")
+              "lorap-SVDLLM-compressed-refit-loss-512-obs", "lorap-SVDLLM-compressed-refit-loss-512-w32",
+              "lorap-SVDLLM-corrected-refit", "lorap-SVDLLM-compressed-refit-loss-512-w64")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 

@@ -73,7 +73,9 @@ class Factorize:
         if index is None or index not in context.selection.get(self.sublayer, []):
             return {}
         prefix, sources = _projections(context, index, self.sublayer)
-        return {f"{prefix}.{source}": self.method in NEEDS_SECOND_MOMENTS for source in set(sources.values())}
+        # with --propagate corrected every method fits the dense target, which needs the second moments
+        second = self.method in NEEDS_SECOND_MOMENTS or context.propagate == "corrected"
+        return {f"{prefix}.{source}": second for source in set(sources.values())}
 
     def on_layer(self, context, step) -> None:
         if step.index not in context.selection.get(self.sublayer, []):

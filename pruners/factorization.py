@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modelio.lowrank import LowRankLinear
+from pruners.refit import dense_target_weight
 from pruners.statistics import InputStatistics
 
 DECOMPOSITIONS = ("AWSVD", "AFM", "SVD", "SVDLLM")
@@ -41,10 +42,14 @@ def max_useful_rank(in_features: int, out_features: int) -> int:
 
 def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down [rank, in], up [out, rank]) with up @ down ~ weight, in float64 internally."""
+    """(down [rank, in], up [out, rank]) with up @ down ~ weight, in float64 internally.
+
+    With the dense model's inputs observed (``--propagate corrected``), the matrix factorized is the one that
+    best maps the layer's own inputs to the dense outputs (``pruners.refit.dense_target_weight``); for SVDLLM
+    the result is then the best factorization of that rank for the dense target."""
     if method not in DECOMPOSITIONS:
         raise ValueError(f"unknown --deco_method {method}: choose from {', '.join(DECOMPOSITIONS)}")
-    w = weight.detach().double().cpu()
+    w = dense_target_weight(weight, stats)
     if method == "AWSVD" and stats is None:
         raise ValueError("AWSVD needs calibration statistics of the layer's inputs")
     if method == "SVD":

@@ -114,8 +114,8 @@ def no_spaces(graph: DependencyGraph, settings: PruneSettings, selection: dict[s
 class Composition:
     """A method: which spaces are selected, one estimator, one allocator and a list of actions, each built
     from the settings. ``reads``: the settings it reads besides the common ones (any other flag given is
-    refused). ``propagate``: what the next layer is calibrated on after a layer action (dense, compressed or
-    sequential)."""
+    refused). ``propagate``: what the next layer is calibrated on after a layer action (dense, compressed,
+    sequential or corrected: see ``pruners.pipeline``)."""
 
     description: str
     estimator: Callable[[PruneSettings], object]

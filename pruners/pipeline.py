@@ -7,7 +7,11 @@ i + 1. Whether layer i + 1 sees the dense outputs (computed before the steps act
 (layer i run again after acting) is the ``propagate`` option. With ``sequential``, the steps inside a layer
 see compressed inputs too: before each step after the first, the layer runs again (with what the earlier
 steps did to it) to collect that step's statistics, so the MLP of layer i is fitted on the outputs of its
-compressed attention. Statistics live only while their layer is processed: a step that needs something later
+compressed attention. With ``corrected``, the inputs are the compressed ones as with ``compressed``, and the dense
+model runs beside them (its layer i before acting, on its own inputs): the modules observed with second
+moments also collect E[t x^T], t their input in the dense model, and the fits (least-squares refits,
+factorizations) aim at the dense model's outputs instead of the layer's own on its compressed inputs, so each
+layer corrects the drift of the compressed ones before it (asymmetric calibration). Statistics live only while their layer is processed: a step that needs something later
 keeps it itself.
 
 Where a layer's weights live is handled here and nowhere else: with ``device`` set, each layer is moved
@@ -26,9 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modelio.memory import module_extents, release, release_module
-from pruners.statistics import InputStatistics, observe_inputs
+from pruners.statistics import InputStatistics, TargetInputs, observe_inputs
 
-PROPAGATIONS = ("dense", "compressed", "sequential")
+PROPAGATIONS = ("dense", "compressed", "sequential", "corrected")
 
 
 def progress(items: Iterable, desc: str, enabled: bool = True, total: int | None = None) -> Iterator:
@@ -150,13 +154,17 @@ class LayerPipeline:
             raise ValueError(f"unknown propagate '{propagate}': choose from {', '.join(PROPAGATIONS)}")
         layers = self.layers()
         inputs = self._inputs_on(capture_layer_inputs(self.model, layers, self.batches, self.batch_size))
+        dense_inputs = inputs if propagate == "corrected" else None
         for index in progress(range(len(layers)), desc, self.show_progress):
             observed = _observed(context, steps, index)
             # what the layer holds before its turn (on the CPU, before any move to the device)
             used = module_extents(self.layers()[index]) if self.low_memory else []
             with self.placed(self.layers()[index]) as layer:
-                with self._observing(observed) as stats:
-                    outputs = run_layer(layer, inputs)
+                if dense_inputs is None:
+                    with self._observing(observed) as stats:
+                        outputs = run_layer(layer, inputs)
+                else:
+                    outputs, dense_inputs, stats = self._against_dense(layer, inputs, dense_inputs, observed)
                 step = LayerPass(index, layer, inputs, outputs, stats)
                 for position, each in enumerate(steps):
                     if propagate == "sequential" and position > 0:
@@ -181,9 +189,21 @@ class LayerPipeline:
             if self.low_memory:
                 release_module(self.model.get_output_embeddings())
 
-    def _observing(self, observed: dict[str, bool]):
+    def _observing(self, observed: dict[str, bool], targets: TargetInputs | None = None):
         """Statistics hooks on the ``observed`` modules (name -> second moments wanted)."""
-        return observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed)
+        return observe_inputs({name: self.model.get_submodule(name) for name in observed}, observed, targets)
+
+    def _against_dense(self, layer: nn.Module, inputs: list, dense_inputs: list, observed: dict[str, bool]):
+        """(outputs, dense outputs, statistics) of ``layer`` (not yet acted on) run on the compressed ``inputs``
+        and on the dense model's ``dense_inputs``, batch by batch, with the cross moments of the two."""
+        targets = TargetInputs()
+        outputs, dense_outputs = [], []
+        with self._observing(observed, targets) as stats:
+            for own, dense in zip(inputs, dense_inputs):
+                with targets.capturing():
+                    dense_outputs += run_layer(layer, [dense])
+                outputs += run_layer(layer, [own])
+        return outputs, dense_outputs, stats
 
     def _recollect(self, context, step, index: int, layer: nn.Module, inputs: list[tuple[tuple, dict]],
                    statistics: dict[str, InputStatistics]) -> dict[str, InputStatistics]:

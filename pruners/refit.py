@@ -22,19 +22,34 @@ DAMPING = 1e-4  # relative to the mean diagonal of C[S, S]
 
 def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
                          intercept: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W', bias change) for the kept input columns ``kept`` of ``weight`` ([out, in]), in float64."""
+    """(W', bias change) for the kept input columns ``kept`` of ``weight`` ([out, in]), in float64.
+
+    With the dense model's inputs t observed beside the layer's own x (``stats.has_target``), W' minimises
+    E ||W t - W' x_S||^2 instead: W' = W E[t x_S^T] (C[S, S] + damping)^-1, the fit that also undoes the drift
+    of x from t."""
     moment = stats.moment
     mean = stats.mean.double()
+    cross = stats.cross if stats.has_target else moment  # E[t x^T]
+    target_mean = stats.target_mean.double() if stats.has_target else mean
     if intercept:
         moment = moment - torch.outer(mean, mean)
+        cross = cross - torch.outer(target_mean, mean)
     block = moment[kept][:, kept]
     damp = DAMPING * block.diagonal().mean().clamp_min(1e-12)
-    # W' = W C[:, S] C[S, S]^-1, solved as (C[S, S] + damping) X = C[S, :]
-    solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), moment[kept])
+    # W' = W E[t x_S^T] C[S, S]^-1, solved as (C[S, S] + damping) X = E[x_S t^T]
+    solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), cross[:, kept].T)
     w = weight.detach().double().cpu()
     refit = w @ solution.T
-    bias = (w @ mean - refit @ mean[kept]) if intercept else None
+    bias = (w @ target_mean - refit @ mean[kept]) if intercept else None
     return refit, bias
+
+
+def dense_target_weight(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    """The weight that best maps the layer's own inputs to the dense model's outputs, W E[t x^T] C^-1 (``weight``
+    itself, in float64, when no dense inputs were observed)."""
+    if stats is None or not stats.has_target:
+        return weight.detach().double().cpu()
+    return least_squares_weight(weight, stats, torch.arange(weight.shape[1]))[0]
 
 
 def _damped_moment(stats: InputStatistics) -> torch.Tensor:

@@ -18,6 +18,9 @@ class InputStatistics:
     total: torch.Tensor  # sum of x
     total_sq: torch.Tensor  # sum of x^2
     second_moment: torch.Tensor | None = None  # sum of x x^T (only when asked: in x in)
+    # with --propagate corrected: sum of t x^T and of t, t the same module's input in the dense model
+    cross_moment: torch.Tensor | None = None
+    target_total: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -39,10 +42,33 @@ class InputStatistics:
         """E[x x^T] over tokens, in float64 (needs ``second_moment``)."""
         return self.second_moment.double() / max(self.count, 1)
 
+    @property
+    def has_target(self) -> bool:
+        """Whether the dense model's inputs of this module were observed beside its own (``cross``)."""
+        return self.cross_moment is not None
 
-def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moments: bool):
+    @property
+    def cross(self) -> torch.Tensor:
+        """E[t x^T]: t the input in the dense model, x the input here (needs ``cross_moment``)."""
+        return self.cross_moment.double() / max(self.count, 1)
+
+    @property
+    def target_mean(self) -> torch.Tensor:
+        return self.target_total / max(self.count, 1)
+
+
+def _flat(args: tuple) -> torch.Tensor:
+    return args[0].detach().reshape(-1, args[0].shape[-1]).double()
+
+
+def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moments: bool,
+                     targets: dict[str, torch.Tensor] | None = None):
     def hook(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        if targets is not None and targets.get("capturing"):
+            if second_moments:
+                targets[name] = _flat(args)
+            return
+        x = _flat(args)
         entry = stats.get(name)
         if entry is None:
             entry = stats[name] = InputStatistics(0, torch.zeros(x.shape[1], dtype=torch.float64),
@@ -53,24 +79,48 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
         if second_moments:
             gram = (x.T @ x).cpu()
             entry.second_moment = gram if entry.second_moment is None else entry.second_moment + gram
+            if targets is not None and name in targets:
+                target = targets.pop(name)
+                cross, total = (target.T @ x).cpu(), target.sum(0).cpu()
+                first = entry.cross_moment is None
+                entry.cross_moment = cross if first else entry.cross_moment + cross
+                entry.target_total = total if first else entry.target_total + total
 
     return hook
 
 
 @contextmanager
-def observe_inputs(modules: dict[str, nn.Module], second_moments: dict[str, bool] | bool = False
-                   ) -> Iterator[dict[str, InputStatistics]]:
+def observe_inputs(modules: dict[str, nn.Module], second_moments: dict[str, bool] | bool = False,
+                   targets: dict | None = None) -> Iterator[dict[str, InputStatistics]]:
     """Statistics of the inputs of ``modules`` (name -> module) while the block runs; second moments for the
-    names ``second_moments`` marks (or for all, when True)."""
+    names ``second_moments`` marks (or for all, when True).
+
+    With ``targets`` (a dict shared with the caller, see ``TargetInputs``) the modules with second moments
+    also collect their cross moment with the inputs captured while ``targets["capturing"]`` was set: each
+    call of a module pairs with its last captured input (the same tokens in the dense model)."""
     stats: dict[str, InputStatistics] = {}
     wants = (lambda name: second_moments) if isinstance(second_moments, bool) else second_moments.get
-    handles = [module.register_forward_pre_hook(_statistics_hook(stats, name, bool(wants(name))))
-               for name, module in modules.items()]
+    handles = [module.register_forward_pre_hook(
+        _statistics_hook(stats, name, bool(wants(name)), targets))
+        for name, module in modules.items()]
     try:
         yield stats
     finally:
         for handle in handles:
             handle.remove()
+
+
+class TargetInputs(dict):
+    """The inputs of the observed modules in the dense model, one batch at a time: run the dense layer
+    inside ``capturing()``, then the compressed one on the same tokens (``observe_inputs(..., targets=)``)."""
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        self["capturing"] = True
+        try:
+            yield
+        finally:
+            self["capturing"] = False
 
 
 @torch.no_grad()

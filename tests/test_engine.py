@@ -328,3 +328,38 @@ def test_recovery_factorizes_again_at_the_recorded_ranks(batches, tmp_path):
     assert before - sum(p.numel() for p in loaded.parameters()) == saving
     with pytest.raises(ValueError, match="pass the record saved with this model"):
         refactorize(tiny_model("phi3"), record)
+
+
+def _down_proj_inputs(model: torch.nn.Module, batches: torch.Tensor, index: int) -> torch.Tensor:
+    captured = []
+    handle = model.model.layers[index].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=batches)
+    handle.remove()
+    return torch.cat(captured)
+
+
+def test_corrected_propagation_pairs_each_input_with_the_dense_models(monkeypatch, batches):
+    """With --propagate corrected, a layer sees the compressed inputs (as with compressed) and the cross moment
+    E[t x^T] with t the same module's inputs in the dense model, token by token."""
+    seen: dict[int, InputStatistics] = {}
+
+    def recording(self, context, step):
+        seen[step.index] = step.statistics[f"model.layers.{step.index}.mlp.down_proj"]
+        return PRUNE_CHANNELS_ON_LAYER(self, context, step)
+
+    monkeypatch.setattr(PruneChannels, "on_layer", recording)
+    corrected = tiny_model("llama")
+    prune_model(corrected, None, _settings("lorap", deco_method="SVDLLM", refit=True, propagate="corrected"),
+                log=lambda _: None, batches=batches)
+    # layer 0: nothing before it is compressed, so the dense inputs are its own
+    assert torch.allclose(seen[0].cross, seen[0].moment, atol=1e-9)
+    index = 1  # layer 0 compressed by the corrected fits: the reference runs it, layer 1 dense
+    reference = tiny_model("llama")
+    reference.model.layers[0] = corrected.model.layers[0]
+    own, dense = _down_proj_inputs(reference, batches, index), _down_proj_inputs(tiny_model("llama"), batches, index)
+    assert torch.allclose(seen[index].moment, own.T @ own / len(own), atol=1e-6, rtol=1e-4)
+    assert torch.allclose(seen[index].cross, dense.T @ own / len(own), atol=1e-6, rtol=1e-4)
+    assert torch.allclose(seen[index].target_mean, dense.mean(0), atol=1e-6)
+    assert not torch.allclose(seen[index].cross, seen[index].moment, atol=1e-4)

@@ -45,6 +45,50 @@ def test_the_refit_is_the_least_squares_solution(intercept):
         assert bias is None
 
 
+@pytest.mark.parametrize("intercept", [False, True])
+def test_with_dense_inputs_the_refit_maps_the_own_inputs_to_the_dense_outputs(intercept):
+    """--propagate corrected: W' minimises E ||W t - W' x_S||^2, t the dense model's inputs, x the layer's own."""
+    generator = torch.Generator().manual_seed(1)
+    dense = torch.randn(500, 10, generator=generator, dtype=torch.float64) + 0.4
+    own = dense @ (torch.eye(10, dtype=torch.float64) + 0.2 * torch.randn(10, 10, generator=generator,
+                                                                           dtype=torch.float64)) + 0.1
+    weight = torch.randn(4, 10, generator=generator, dtype=torch.float64)
+    stats = _statistics(own)
+    stats.cross_moment, stats.target_total = dense.T @ own, dense.sum(0)
+    kept = torch.tensor([0, 1, 4, 5, 6, 9])
+    refit, bias = least_squares_weight(weight, stats, kept, intercept)
+    design = torch.cat([own[:, kept], torch.ones(len(own), 1, dtype=own.dtype)], 1) if intercept else own[:, kept]
+    expected = torch.linalg.lstsq(design, dense @ weight.T).solution.T
+    assert torch.allclose(refit, expected[:, : len(kept)], atol=1e-2)
+    if intercept:
+        assert torch.allclose(bias, expected[:, -1], atol=1e-2)
+    # the own-target refit is a different, worse fit of the dense outputs
+    plain, _ = least_squares_weight(weight, _statistics(own), kept)
+    error = lambda w: float((dense @ weight.T - own[:, kept] @ w.T).pow(2).mean())  # noqa: E731
+    if not intercept:
+        assert error(refit) < 0.9 * error(plain)
+
+
+def test_with_dense_inputs_whitened_svd_is_the_best_factorization_of_the_dense_target():
+    from pruners.factorization import factors
+
+    generator = torch.Generator().manual_seed(2)
+    dense = torch.randn(600, 8, generator=generator, dtype=torch.float64)
+    own = dense + 0.3 * torch.randn(600, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    stats = _statistics(own)
+    stats.cross_moment, stats.target_total = dense.T @ own, dense.sum(0)
+    down, up = factors(weight, 3, "SVDLLM", stats)
+    error = lambda w: float((dense @ weight.T - own @ w.T).pow(2).sum(1).mean())  # noqa: E731
+    best = torch.linalg.lstsq(own, dense @ weight.T).solution.T
+    u, s, vh = torch.linalg.svd(best @ torch.linalg.cholesky(own.T @ own / len(own)))
+    # the optimum of rank 3 costs the full-rank regression's error plus the dropped whitened singular values
+    optimum = error(best) + float(s[3:].pow(2).sum())
+    assert error(up @ down) == pytest.approx(optimum, rel=1e-3)
+    plain_down, plain_up = factors(weight, 3, "SVDLLM", _statistics(own))
+    assert error(up @ down) < error(plain_up @ plain_down)
+
+
 def _refit_error(x: torch.Tensor, weight: torch.Tensor, removed: set[int]) -> float:
     kept = torch.tensor(sorted(set(range(weight.shape[1])) - removed))
     refit, _ = least_squares_weight(weight, _statistics(x), kept)
