@@ -188,3 +188,18 @@ def test_taylor_with_refit_reads_the_calibration_count(batches):
                              propagate="compressed")
     report = prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches)
     assert report.record.of("refit")
+
+
+@pytest.mark.parametrize("method", ["flap_refit", "lorap", "whitened_lorap"])
+def test_corrected_propagation_prunes_to_the_budget_and_saves(method, arch, batches, tmp_path):
+    """--propagate corrected on the methods that refit or factorize, on every architecture."""
+    model = tiny_model(arch)
+    extra = {"refit": True} if method == "lorap" else {}
+    report = prune_model(model, None, _settings(method, propagate="corrected", **extra), log=lambda _: None,
+                         batches=batches)
+    assert report.achieved_ratio == pytest.approx(0.3, abs=0.03)
+    assert report.record.settings["propagate"] == "corrected"
+    logits = model(input_ids=batches).logits
+    assert torch.isfinite(logits).all()
+    assert torch.equal(load_model(save_model(model, None, tmp_path / "out", record=report.record))(
+        input_ids=batches).logits, logits)
