@@ -25,6 +25,8 @@ from modelio.save import check_save_target, check_writable
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
 from pruners.loss_allocation import ALLOCATIONS
+from pruners.attention_metric import ATTENTION_METRICS
+from pruners.lorap import RANK_ALLOCATIONS
 from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, preflight
 from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
@@ -130,6 +132,9 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
     parser.add_argument("--loss_levels", type=fractions, default=None,
                         help="--allocation loss: comma list of the fractions each sub-layer is measured at (None: "
                              "the method's: 0.125,0.25,0.5 for whitened_lorap, else 0.25,0.5)")
+    parser.add_argument("--loss_heldout", type=str_to_bool, default=defaults.loss_heldout,
+                        help="--allocation loss: fit the probes (whitening, refit) on calibration windows other than "
+                             "the ones their KL is measured on (needs more than --loss_windows windows)")
 
 
 def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
@@ -137,7 +142,18 @@ def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> No
     parser.add_argument("--deco_method", choices=DECOMPOSITIONS, default=defaults.deco_method,
                         help="lorap: attention factorization")
     parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
-                        help="lorap: rank of v/o relative to q/k")
+                        help="lorap: rank of v/o relative to q/k (with --rank_allocation truncation: the weight of "
+                             "their truncation loss)")
+    parser.add_argument("--rank_allocation", choices=RANK_ALLOCATIONS, default=defaults.rank_allocation,
+                        help="lorap, svd_llm: how a factorized attention's (or MLP's) ranks are shared among its "
+                             "projections: para (in the ratio --para_allocate) or truncation (per matrix from the "
+                             "whitened truncation loss on the layer's own inputs, SVD-LLM V2; a matrix whose factors "
+                             "would save little stays dense)")
+    parser.add_argument("--attention_metric", choices=ATTENTION_METRICS, default=defaults.attention_metric,
+                        help="lorap (with --deco_method SVDLLM), svd_llm: what the factorization of q_proj and k_proj "
+                             "minimizes: their output error, every dimension alike (outputs), or the error it makes "
+                             "on the attention logits, q weighed by the keys' second moment and k by the queries' "
+                             "(logits)")
     parser.add_argument("--mlp_compress_method", choices=MLP_COMPRESS_METHODS, default=defaults.mlp_compress_method,
                         help="lorap: prune MLP channels or factorize the MLP")
     parser.add_argument("--mlp_metric", choices=ACTIVATION_METRICS, default=defaults.mlp_metric,

@@ -129,6 +129,23 @@ RUNS: dict[str, dict] = {
     "lorap-SVDLLM-compressed-refit-loss-512-obs": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                                    "propagate": "compressed", "allocation": "loss", "nsamples": 512,
                                                    "mlp_metric": "obs"},
+    # each attention's ranks per matrix from the whitened truncation loss (--rank_allocation truncation), the value
+    # path's loss weighted by --para_allocate (3, or 1: all four alike)
+    "lorap-SVDLLM-compressed-refit-trunc": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                            "propagate": "compressed", "rank_allocation": "truncation"},
+    "lorap-SVDLLM-compressed-refit-trunc-p1": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                               "propagate": "compressed", "rank_allocation": "truncation",
+                                               "para_allocate": 1.0},
+    # q_proj and k_proj factorized for their error on the attention logits (--attention_metric logits)
+    "lorap-SVDLLM-compressed-refit-logits": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                             "propagate": "compressed", "attention_metric": "logits"},
+    "lorap-SVDLLM-compressed-refit-loss-512-w32-logits": {
+        "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed", "allocation": "loss",
+        "nsamples": 512, "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5), "attention_metric": "logits"},
+    # the default with its probes fitted on windows the KL is not measured on (--loss_heldout True)
+    "lorap-SVDLLM-compressed-refit-loss-512-w32-heldout": {
+        "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed", "allocation": "loss",
+        "nsamples": 512, "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5), "loss_heldout": True},
 }
 RATIOS = (0.2, 0.5)
 

@@ -38,7 +38,10 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "lorap-SVDLLM-compressed-refit-loss-512", "lorap-SVDLLM-compressed-refit-para2",
               "lorap-SVDLLM-compressed-refit-para5", "lorap-SVDLLM-compressed-refit-obs",
               "lorap-SVDLLM-compressed-refit-loss-512-obs", "lorap-SVDLLM-compressed-refit-loss-512-w32",
-              "lorap-SVDLLM-corrected-refit", "lorap-SVDLLM-compressed-refit-loss-512-w64")
+              "lorap-SVDLLM-corrected-refit", "lorap-SVDLLM-compressed-refit-loss-512-w64",
+              "lorap-SVDLLM-compressed-refit-trunc", "lorap-SVDLLM-compressed-refit-trunc-p1",
+              "lorap-SVDLLM-compressed-refit-logits", "lorap-SVDLLM-compressed-refit-loss-512-w32-logits",
+              "lorap-SVDLLM-compressed-refit-loss-512-w32-heldout")
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.md", "scale": "scale.md",
-            "selection": "selection.md", "attempts": "attempts.md"}
+            "selection": "selection.md", "attempts": "attempts.md", "attention_metric": "attention_metric.md"}
 
 
 def main() -> None:

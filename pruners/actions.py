@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from depgraph import Plan
 from modelio.memory import extents, release
 from pruners.allocation import allocate
+from pruners.attention_metric import output_metrics
 from pruners.compensation import bias_parameters_added, compensate_bias, removed_input_columns
 from pruners.factorization import NEEDS_SECOND_MOMENTS, factorize, saves_parameters
 from pruners.refit import refit_removed
@@ -68,13 +69,16 @@ class Factorize:
     sublayer: str
     method: str = "AWSVD"
     real_com: bool = True
+    attention_metric: str = "outputs"  # "logits": q and k truncated by their error on the logits (SVDLLM)
 
     def observes(self, context, index):
         if index is None or index not in context.selection.get(self.sublayer, []):
             return {}
         prefix, sources = _projections(context, index, self.sublayer)
-        # with --propagate corrected every method fits the dense target, which needs the second moments
-        second = self.method in NEEDS_SECOND_MOMENTS or context.propagate == "corrected"
+        # with --propagate corrected every method fits the dense target, which needs the second moments, and so
+        # do ranks from the truncation loss
+        second = (self.method in NEEDS_SECOND_MOMENTS or context.propagate == "corrected"
+                  or prefix in context.allocation.deferred_fractions or self.attention_metric != "outputs")
         return {f"{prefix}.{source}": second for source in set(sources.values())}
 
     def on_layer(self, context, step) -> None:
@@ -82,19 +86,28 @@ class Factorize:
             return
         prefix, sources = _projections(context, step.index, self.sublayer)
         parent = context.model.get_submodule(prefix)
+        ranks = context.allocation.ranks
+        inputs = {name: step.statistics.get(f"{prefix}.{source}") for name, source in sources.items()}
+        metrics = output_metrics(parent, context.rule, self.sublayer, inputs, self.attention_metric)
+        if prefix in context.allocation.deferred_fractions:
+            ranks = context.allocation.rank_splitter.ranks_at(
+                parent, prefix, self.sublayer, context.rule, context.allocation.deferred_fractions[prefix],
+                {f"{prefix}.{name}": stats for name, stats in inputs.items()},
+                {f"{prefix}.{name}": metric for name, metric in metrics.items()})
         for name, source in sources.items():
             full = f"{prefix}.{name}"
-            rank = context.allocation.ranks.get(full)
+            rank = ranks.get(full)
             linear = parent.get_submodule(name)
             if rank is None or not saves_parameters(linear, rank):
                 continue
             shape = (linear.in_features, linear.out_features)
-            new = factorize(linear, rank, self.method, step.statistics.get(f"{prefix}.{source}"),
-                            real_com=self.real_com)
+            new = factorize(linear, rank, self.method, inputs[name], real_com=self.real_com,
+                            output_metric=metrics.get(name))
             setattr(parent, name, new)
             context.ledger.spend(shape[0] * shape[1] - rank * (shape[0] + shape[1]))
             context.record.add("factorize", module=full, layer=step.index, rank=int(rank), method=self.method,
-                               in_features=shape[0], out_features=shape[1], dense_product_kept=not self.real_com)
+                               in_features=shape[0], out_features=shape[1], dense_product_kept=not self.real_com,
+                               error_measured_on="logits" if name in metrics else "outputs")
 
 
 @dataclass

@@ -35,6 +35,10 @@ class Allocation:
     ranks: dict[str, int] = field(default_factory=dict)  # module name -> rank
     layer_targets: dict[int, float] = field(default_factory=dict)  # layer -> parameters its layer actions remove
     layer_ratios: dict[int, float] = field(default_factory=dict)  # layer -> kept fraction (FLAT-LLM's IPRS)
+    # sub-layer prefix -> fraction of its parameters to remove, whose ranks ``rank_splitter.ranks_at`` decides
+    # when the layer is factorized, on the statistics it is factorized with (--rank_allocation truncation)
+    deferred_fractions: dict[str, float] = field(default_factory=dict)
+    rank_splitter: object | None = None
 
 
 @dataclass

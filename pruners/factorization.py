@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modelio.lowrank import LowRankLinear
+from pruners.attention_metric import metric_root
 from pruners.refit import dense_target_weight
 from pruners.statistics import InputStatistics
 
@@ -40,9 +41,13 @@ def max_useful_rank(in_features: int, out_features: int) -> int:
     return max(0, (in_features * out_features - 1) // (in_features + out_features))
 
 
-def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None,
+            output_metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(down [rank, in], up [out, rank]) with up @ down ~ weight, in float64 internally.
+
+    ``output_metric`` (SVDLLM only; M = R R^T, [out, out]): the error is measured as E[(W x - W' x)^T M (...)]
+    instead of with every output alike: the SVD of R^T W S is truncated and R^-T undone in the up factor
+    (``pruners.attention_metric``: the query and key projections measured on their attention logits).
 
     With the dense model's inputs observed (``--propagate corrected``), the matrix factorized is the one that
     best maps the layer's own inputs to the dense outputs (``pruners.refit.dense_target_weight``); for SVDLLM
@@ -65,9 +70,16 @@ def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: Input
         raise ValueError(f"{method} needs the second moments of the layer's inputs")
     if method == "SVDLLM":
         root, inverse_root = whitening(stats)
-        u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+        if output_metric is None:
+            u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+            half = s[:rank].sqrt()
+            return (half[:, None] * vh[:rank]) @ inverse_root, u[:, :rank] * half[None, :]
+        left, undo = metric_root(output_metric.to(w.dtype))
+        u, s, vh = torch.linalg.svd(left.T @ w @ root, full_matrices=False)
         half = s[:rank].sqrt()
-        return (half[:, None] * vh[:rank]) @ inverse_root, (u[:, :rank] * half[None, :])
+        return (half[:, None] * vh[:rank]) @ inverse_root, undo.T @ (u[:, :rank] * half[None, :])
+    if output_metric is not None:
+        raise ValueError("an output metric (--attention_metric logits) needs --deco_method SVDLLM")
     covariance = w @ (stats.moment) @ w.T
     _, vectors = torch.linalg.eigh(covariance)
     basis = vectors[:, -rank:].flip(-1) if rank else vectors[:, :0]
@@ -81,7 +93,7 @@ def saves_parameters(linear: nn.Module, rank: int) -> bool:
 
 
 def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputStatistics | None = None,
-              real_com: bool = True) -> nn.Module:
+              real_com: bool = True, output_metric: torch.Tensor | None = None) -> nn.Module:
     """A ``LowRankLinear`` of ``rank`` replacing ``linear`` (bias kept on ``up``).
 
     With ``real_com=False`` the product is written back into a dense ``nn.Linear`` of the original size (what
@@ -89,7 +101,7 @@ def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputS
     """
     if not saves_parameters(linear, rank):
         return linear
-    down, up = factors(linear.weight, rank, method, stats)
+    down, up = factors(linear.weight, rank, method, stats, output_metric)
     dtype, device = linear.weight.dtype, linear.weight.device
     if not real_com:
         with torch.no_grad():
@@ -103,6 +115,67 @@ def factorize(linear: nn.Linear, rank: int, method: str = "AWSVD", stats: InputS
         if linear.bias is not None:
             layer.up.bias.copy_(linear.bias)
     return layer
+
+
+def whitened_spectrum(weight: torch.Tensor, stats: InputStatistics, output_metric: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Singular values of R^T W S (float64, descending), S the whitening of the inputs' second moment and R the
+    root of the output metric (identity without one): dropping the i-th costs exactly its square of the error
+    (SVD-LLM's truncation loss)."""
+    root, _ = whitening(stats)
+    w = weight.detach().double() @ root
+    return torch.linalg.svdvals(w if output_metric is None else metric_root(output_metric.double())[0].T @ w)
+
+
+def truncation_ranks(shapes: list[tuple[int, int]], spectra: list[torch.Tensor], weights: list[float],
+                     budget: float) -> list[int]:
+    """Per-matrix ranks keeping at most ``budget`` parameters that minimize sum_i weight_i * (the share of
+    matrix i's output energy its truncation drops), SVD-LLM V2's truncation-loss allocation inside one sub-layer.
+
+    A matrix may also stay dense (no loss, all its parameters): the choice is made for every matrix at once by a
+    Lagrange multiplier on the parameters (each matrix takes the rank, or dense, minimizing loss + lambda x
+    parameters), bisected until the total fits, and what the bisection leaves of the budget goes to the
+    factorized matrices' next components, most loss removed per parameter first. Unlike a shared rank, a matrix
+    whose factors would save little (k_proj of grouped-query attention near its cap) stays dense while the
+    others take the cut."""
+    options = []  # per matrix: (loss of rank 0..cap then dense, parameters of each)
+    for (in_f, out_f), spectrum, weight in zip(shapes, spectra, weights):
+        energy = spectrum.double() ** 2
+        share = energy / energy.sum().clamp_min(1e-30)
+        cap = max_useful_rank(in_f, out_f)
+        tail = torch.cat([share.flip(0).cumsum(0).flip(0), share.new_zeros(1)])  # loss of keeping r components
+        ranks = torch.arange(cap + 1)
+        losses = torch.cat([weight * tail[ranks.clamp_max(len(share))], share.new_zeros(1)])
+        params = torch.cat([(ranks * (in_f + out_f)).double(), torch.tensor([float(in_f * out_f)])])
+        options.append((losses, params, cap))
+
+    def choose(multiplier: float) -> tuple[float, list[int]]:
+        picks = [int(torch.argmin(losses + multiplier * params)) for losses, params, _ in options]
+        return sum(float(o[1][k]) for o, k in zip(options, picks)), picks
+
+    low, high = 0.0, 1.0
+    while choose(high)[0] > budget and high < 1e30:
+        high *= 10
+    for _ in range(100):
+        middle = (low + high) / 2
+        if choose(middle)[0] > budget:
+            low = middle
+        else:
+            high = middle
+    total, picks = choose(high)
+    while True:  # spend the rest of the budget on the factorized matrices' next components
+        best = None
+        for position, ((losses, params, cap), pick) in enumerate(zip(options, picks)):
+            if pick >= cap or total + float(params[1]) > budget:
+                continue
+            gain = float(losses[pick] - losses[pick + 1]) / float(params[1])
+            if best is None or gain > best[0]:
+                best = (gain, position)
+        if best is None:
+            break
+        picks[best[1]] += 1
+        total += float(options[best[1]][1][1])
+    return [min(i, o) if pick > cap else pick for (i, o), (_, _, cap), pick in zip(shapes, options, picks)]
 
 
 def shared_rank(shapes: list[tuple[int, int]], weights: list[float], budget: float) -> list[int]:

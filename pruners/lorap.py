@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from pruners.factorization import shared_rank
+from pruners.factorization import shared_rank, truncation_ranks, whitened_spectrum
+from pruners.statistics import InputStatistics
+
+RANK_ALLOCATIONS = ("para", "truncation")
 
 
 def _parameters(module: nn.Module) -> int:
@@ -32,6 +36,10 @@ class SharedFraction:
     para_allocate: float = 3.0
     factorized: tuple[str, ...] = ("self_attn",)
     by_size: bool = False  # True: every matrix keeps the same fraction of its parameters (SVD-LLM's ratio)
+    # how a sub-layer's ranks are shared: "para" (ranks in the ratio of the weights, LoRAP), or "truncation"
+    # (per matrix from the whitened truncation loss of its own inputs, the value path's loss counting
+    # para_allocate times; decided when the layer is factorized, on the statistics it is factorized with)
+    rank_allocation: str = "para"
 
     def allocate(self, context):
         selected = selected_parameters(context.model, context.rule, context.selection)
@@ -53,21 +61,41 @@ class SharedFraction:
             prefix = context.layer_name(index, sublayer)
             parent = context.model.get_submodule(prefix)
             allocation.layer_targets[index] = allocation.layer_targets.get(index, 0.0) + fraction * _parameters(parent)
-            if sublayer in self.factorized:
+            if sublayer not in self.factorized:
+                continue
+            if self.rank_allocation == "truncation":
+                allocation.deferred_fractions[prefix] = fraction
+                allocation.rank_splitter = self
+            else:
                 allocation.ranks.update(self.ranks_at(parent, prefix, sublayer, context.rule, fraction))
         return allocation
 
-    def ranks_at(self, parent: nn.Module, prefix: str, sublayer: str, rule, fraction: float) -> dict[str, int]:
-        """The ranks of a sub-layer's projections (full name -> rank) that remove ``fraction`` of its parameters."""
+    def ranks_at(self, parent: nn.Module, prefix: str, sublayer: str, rule, fraction: float,
+                 statistics: dict[str, InputStatistics] | None = None,
+                 metrics: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """The ranks of a sub-layer's projections (full name -> rank) that remove ``fraction`` of its parameters.
+
+        ``statistics`` (full projection name -> its input statistics with second moments) and ``metrics`` (full
+        name -> output metric, where the error is not measured on the outputs alike) are what the truncation
+        rule reads."""
         groups = rule.attention_inputs if sublayer == "self_attn" else rule.mlp_inputs
         favoured = rule.value_path if sublayer == "self_attn" else ()
         names = [name for group in groups for name in group]
         linears = [parent.get_submodule(name) for name in names]
         shapes = [(m.in_features, m.out_features) for m in linears]
-        weights = [(self.para_allocate if name in favoured else 1.0) * (i * o / (i + o) if self.by_size else 1.0)
-                   for name, (i, o) in zip(names, shapes)]
         dense = sum(i * o for i, o in shapes)
-        ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
+        if self.rank_allocation == "truncation":
+            if statistics is None:
+                raise ValueError("--rank_allocation truncation needs the projections' input statistics")
+            metrics = metrics or {}
+            spectra = [whitened_spectrum(m.weight, statistics[f"{prefix}.{name}"], metrics.get(f"{prefix}.{name}"))
+                       for name, m in zip(names, linears)]
+            weights = [self.para_allocate if name in favoured else 1.0 for name in names]
+            ranks = truncation_ranks(shapes, spectra, weights, (1 - fraction) * dense)
+        else:
+            weights = [(self.para_allocate if name in favoured else 1.0) * (i * o / (i + o) if self.by_size else 1.0)
+                       for name, (i, o) in zip(names, shapes)]
+            ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
         return {f"{prefix}.{name}": rank for name, rank in zip(names, ranks)}
 
     def capacity(self, graph, spaces, selection, settings) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 from depgraph import Plan, Space
 from pruners.allocation import ByUnits, _round_kept, units_of
 from pruners.actions import _projections
+from pruners.attention_metric import output_metrics
 from pruners.compensation import removed_input_columns
 from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
@@ -224,14 +225,14 @@ def mask_units(model: nn.Module, graph, space: Space, scores: np.ndarray, fracti
 
 @torch.no_grad()
 def factorize_in_place(parent: nn.Module, ranks: dict[str, int], method: str,
-                       statistics: dict[str, InputStatistics]) -> int:
-    """Write each projection of ``parent`` (name -> rank) back as its low-rank product; returns the parameters
-    the factors save."""
-    saved = 0
+                       statistics: dict[str, InputStatistics], metrics: dict[str, torch.Tensor] | None = None) -> int:
+    """Write each projection of ``parent`` (name -> rank) back as its low-rank product (its error measured with
+    ``metrics[name]`` where given); returns the parameters the factors save."""
+    saved, metrics = 0, metrics or {}
     for name, rank in ranks.items():
         linear = parent.get_submodule(name)
         if saves_parameters(linear, rank):
-            down, up = factors(linear.weight, rank, method, statistics.get(name))
+            down, up = factors(linear.weight, rank, method, statistics.get(name), metrics.get(name))
             linear.weight.copy_((up @ down).to(linear.weight.dtype))
             saved += linear.in_features * linear.out_features - rank * (linear.in_features + linear.out_features)
     return saved
@@ -252,9 +253,11 @@ class LossDriven:
     refit: bool = False
     score_space: ScoreSpace | None = None
     levels: tuple[float, ...] = LEVELS
+    attention_metric: str = "outputs"  # how factorized probes measure q / k errors (pruners.attention_metric)
     cap: float = CAP
     step: float = STEP
     windows: int = WINDOWS
+    heldout: bool = False  # the probes' statistics from the windows after the divergence's, not from the same ones
 
     def capacity(self, graph, spaces, selection, settings) -> int:
         return self.inner.capacity(graph, spaces, selection, settings)
@@ -304,13 +307,18 @@ class LossDriven:
                 size = sum(p.numel() for p in parent.parameters())
 
                 def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer, size=size):
-                    ranks = self.inner.ranks_at(parent, prefix, sublayer, rule, fraction)
+                    inputs = {name[len(prefix) + 1:]: stats[source] for name, source in sources.items()
+                              if name.startswith(prefix + ".")}
+                    metrics = output_metrics(parent, rule, sublayer, inputs, self.attention_metric)
+                    ranks = self.inner.ranks_at(parent, prefix, sublayer, rule, fraction,
+                                                {f"{prefix}.{name}": value for name, value in inputs.items()},
+                                                {f"{prefix}.{name}": value for name, value in metrics.items()})
                     local = {name[len(prefix) + 1:]: rank for name, rank in ranks.items()}
-                    return factorize_in_place(parent, local, self.deco_method,
-                                              {name[len(prefix) + 1:]: stats[sources[name]] for name in ranks}) / size
+                    return factorize_in_place(parent, local, self.deco_method, inputs, metrics) / size
                 probes[(index, sublayer)] = (parent, index, size, compress)
         readers = {name for space in context.spaces for name in input_linears(graph, space)}
-        windows = context.batches[: min(len(context.batches), STATISTIC_WINDOWS)]
+        start = self.windows if self.heldout and len(context.batches) > self.windows else 0
+        windows = context.batches[start: start + STATISTIC_WINDOWS]
         stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
                                          progress=False, second_moments=True)
         for space in context.spaces:

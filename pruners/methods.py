@@ -20,7 +20,8 @@ from pruners.engine import Context, run_steps
 from pruners.estimators import (ActivationEstimator, BlockInfluence, MagnitudeEstimator, RandomEstimator,
                                 TaylorEstimator, Uniform)
 from pruners.flatllm import ImportancePreserving, KeepChannelsRefit, RotateValues
-from pruners.lorap import SharedFraction
+from pruners.attention_metric import ATTENTION_METRICS
+from pruners.lorap import RANK_ALLOCATIONS, SharedFraction
 from pruners.loss_allocation import ALLOCATIONS, LEVELS as LOSS_LEVELS, WINDOWS as LOSS_WINDOWS, LossDriven
 from pruners.pipeline import PROPAGATIONS, LayerPipeline
 from pruners.refit import Refit
@@ -56,7 +57,13 @@ class PruneSettings:
     data_dir: str | None = None
     # LoRAP
     deco_method: str = "AWSVD"  # AWSVD | AFM | SVD | SVDLLM (whitened, truncation-aware)
-    para_allocate: float = 3.0  # rank of v/o over rank of q/k
+    para_allocate: float = 3.0  # rank of v/o over rank of q/k (with --rank_allocation truncation: weight of their loss)
+    # how a factorized sub-layer's ranks are shared among its projections: para (LoRAP: in the ratio
+    # --para_allocate) | truncation (per matrix from the whitened truncation loss, SVD-LLM V2)
+    rank_allocation: str = "para"
+    # what the factorization of the query and key projections minimizes (SVDLLM): their output error, every
+    # dimension alike (outputs), or the error it makes on the attention logits (logits, pruners.attention_metric)
+    attention_metric: str = "outputs"
     mlp_compress_method: str = "prune"  # prune | decom
     mlp_metric: str = "wanda_sp"  # LoRAP's MLP channel importance: wanda_sp | IFV | WIFV | WIFN | mag_sp | obs
     real_com: bool = True  # False: keep the dense product (for fine-tuning), True: keep the factors
@@ -76,6 +83,9 @@ class PruneSettings:
     # it is measured at (None: the method's, else 16 and (0.25, 0.5))
     loss_windows: int | None = None
     loss_levels: tuple[float, ...] | None = None
+    # --allocation loss: the probes' statistics (whitening, refit) from windows other than those the KL is measured
+    # on, so a probe's fit is scored out of sample (False: the first windows serve both)
+    loss_heldout: bool = False
     # keep resident memory near one layer: memory-mapped weights are handed back after use, Taylor takes one
     # checkpointed backward whose gradients are reduced and freed weight by weight (same plan, less memory)
     low_memory: bool = False
@@ -154,7 +164,7 @@ def fluctuation_estimator(settings: PruneSettings) -> ActivationEstimator:
 
 def loss_measurement(settings: PruneSettings) -> dict:
     """The loss curves' windows and levels (``resolved`` settings)."""
-    return {"windows": settings.loss_windows, "levels": settings.loss_levels}
+    return {"windows": settings.loss_windows, "levels": settings.loss_levels, "heldout": settings.loss_heldout}
 
 
 def units_allocator(settings: PruneSettings):
@@ -171,17 +181,20 @@ def lorap_allocator(settings: PruneSettings):
     """LoRAP's shared fraction (ranks differentiated by --para_allocate), or per-sub-layer fractions from
     measured loss curves (--allocation loss)."""
     factorized = ("self_attn", "mlp") if settings.mlp_compress_method == "decom" else ("self_attn",)
-    shared = SharedFraction(settings.para_allocate, factorized)
+    shared = SharedFraction(settings.para_allocate, factorized, rank_allocation=settings.rank_allocation)
     if settings.allocation != "loss":
         return shared
     return LossDriven(shared, settings.deco_method, bool(settings.refit),
-                      score_space=ActivationEstimator(settings.mlp_metric).score_space, **loss_measurement(settings))
+                      score_space=ActivationEstimator(settings.mlp_metric).score_space,
+                      attention_metric=settings.attention_metric, **loss_measurement(settings))
 
 
 def svd_llm_allocator(settings: PruneSettings):
     """Every matrix keeps the same fraction of its parameters, or (--allocation loss) every sub-layer its own."""
-    shared = SharedFraction(1.0, ("self_attn", "mlp"), by_size=True)
-    return LossDriven(shared, "SVDLLM", **loss_measurement(settings)) if settings.allocation == "loss" else shared
+    shared = SharedFraction(1.0, ("self_attn", "mlp"), by_size=True, rank_allocation=settings.rank_allocation)
+    if settings.allocation != "loss":
+        return shared
+    return LossDriven(shared, "SVDLLM", attention_metric=settings.attention_metric, **loss_measurement(settings))
 
 
 def removal(settings: PruneSettings) -> list:
@@ -212,7 +225,7 @@ def _refit_reads(settings: PruneSettings) -> frozenset[str]:
 
 def lorap_actions(settings: PruneSettings) -> list:
     """Factorize the attention; prune the MLP channels by --mlp_metric, or factorize the MLP (decom)."""
-    actions = [Factorize("self_attn", settings.deco_method, settings.real_com)]
+    actions = [Factorize("self_attn", settings.deco_method, settings.real_com, settings.attention_metric)]
     if settings.mlp_compress_method == "decom":
         return actions + [Factorize("mlp", settings.deco_method, settings.real_com)]
     return actions + [PruneChannels(ActivationEstimator(settings.mlp_metric), settings.round_to, settings.refit)]
@@ -255,8 +268,9 @@ METHODS: dict[str, Composition] = {
         "LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by activation",
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp",
-        reads=frozenset({"deco_method", "para_allocate", "mlp_compress_method", "mlp_metric", "real_com",
-                         "nsamples", "round_to", "propagate", "refit", "allocation"}),
+        reads=frozenset({"deco_method", "para_allocate", "rank_allocation", "attention_metric", "mlp_compress_method",
+                         "mlp_metric",
+                         "real_com", "nsamples", "round_to", "propagate", "refit", "allocation"}),
     ),
     "whitened_lorap": Composition(
         "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
@@ -266,8 +280,9 @@ METHODS: dict[str, Composition] = {
         "windows at 12.5%, 25% and 50% of each sub-layer), on 512 calibration windows",
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
-        reads=frozenset({"para_allocate", "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit",
-                         "allocation"}),
+        reads=frozenset({"para_allocate", "rank_allocation", "attention_metric", "mlp_metric", "real_com", "nsamples",
+                         "round_to",
+                         "propagate", "refit", "allocation"}),
         defaults={"refit": True, "allocation": "loss", "nsamples": 512, "loss_windows": 32,
                   "loss_levels": (0.125, 0.25, 0.5)}, fixed={"deco_method": "SVDLLM"},
     ),
@@ -281,9 +296,10 @@ METHODS: dict[str, Composition] = {
     "svd_llm": Composition(
         "SVD-LLM: truncation-aware whitened SVD of every attention and MLP projection, each keeping the same fraction",
         lambda s: Uniform(), svd_llm_allocator,
-        lambda s: [Factorize("self_attn", "SVDLLM", s.real_com), Factorize("mlp", "SVDLLM", s.real_com)],
+        lambda s: [Factorize("self_attn", "SVDLLM", s.real_com, s.attention_metric),
+                   Factorize("mlp", "SVDLLM", s.real_com)],
         select=no_spaces, modes=("block",), sublayer="self_attn,mlp",
-        reads=frozenset({"real_com", "nsamples", "propagate", "allocation"}),
+        reads=frozenset({"real_com", "nsamples", "propagate", "allocation", "rank_allocation", "attention_metric"}),
     ),
     "layer_wise": Composition(
         "ShortGPT-style layer removal: the decoder layers of lowest block influence go first",
@@ -328,6 +344,16 @@ def resolved(settings: PruneSettings, composition: Composition | None = None) ->
                          f"{' or '.join(composition.modes)}-wise): use --prune_method {' or '.join(able)}")
     if settings.propagate is not None and settings.propagate not in PROPAGATIONS:
         raise ValueError(f"unknown --propagate {settings.propagate}: choose from {', '.join(PROPAGATIONS)}")
+    if settings.attention_metric not in ATTENTION_METRICS:
+        raise ValueError(f"unknown --attention_metric {settings.attention_metric}: choose from "
+                         f"{', '.join(ATTENTION_METRICS)}")
+    if settings.attention_metric != "outputs" and "deco_method" in composition.reads \
+            and settings.deco_method != "SVDLLM":
+        raise ValueError(f"--attention_metric {settings.attention_metric} needs the whitened factorization: add "
+                         "--deco_method SVDLLM")
+    if settings.rank_allocation not in RANK_ALLOCATIONS:
+        raise ValueError(f"unknown --rank_allocation {settings.rank_allocation}: choose from "
+                         f"{', '.join(RANK_ALLOCATIONS)}")
     if settings.allocation is not None and settings.allocation not in ALLOCATIONS:
         raise ValueError(f"unknown --allocation {settings.allocation}: choose from {', '.join(ALLOCATIONS)}")
     return replace(settings, mode=mode, allocation=settings.allocation or "method",
@@ -347,7 +373,7 @@ def unread_settings(settings: PruneSettings, composition: Composition | None = N
     if mode != "block":
         reads = reads - NOT_IN_CHANNEL_MODE
     if allocation_of(settings, composition) == "loss" and "allocation" in reads:
-        reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples", "loss_windows", "loss_levels"}  # the curves
+        reads = (reads - NOT_WITH_LOSS_ALLOCATION) | {"nsamples", "loss_windows", "loss_levels", "loss_heldout"}
     defaults = PruneSettings()
     return [f.name for f in fields(PruneSettings)
             if f.name not in reads and getattr(settings, f.name) != getattr(defaults, f.name)]

@@ -185,3 +185,28 @@ def test_whole_units_are_priced_where_they_start_on_their_curve():
     taken = units_by_loss(curves, units, budget=400, cap=0.6)
     assert [u.elements for u in taken["heads"]] == [[0]]  # only the cheap first round; the second costs 29x
     assert len(taken["mlp"]) == 3 and [u.elements[0] for u in taken["mlp"]] == [0, 1, 2]  # weakest first
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_heldout_probes_are_fitted_on_windows_the_divergence_does_not_read(monkeypatch, batches, heldout):
+    """--loss_heldout True: the probes' statistics come from the windows after the ones the KL is measured on;
+    by default the first windows serve both."""
+    import pruners.loss_allocation as loss_allocation
+
+    seen = {}
+    collect, divergence = loss_allocation.collect_input_statistics, loss_allocation.Divergence.__init__
+
+    def statistics(model, windows, *args, **kwargs):
+        seen["statistics"] = windows.clone()
+        return collect(model, windows, *args, **kwargs)
+
+    def measured(self, model, layers, windows, *args, **kwargs):
+        seen["divergence"] = windows.clone()
+        divergence(self, model, layers, windows, *args, **kwargs)
+
+    monkeypatch.setattr(loss_allocation, "collect_input_statistics", statistics)
+    monkeypatch.setattr(loss_allocation.Divergence, "__init__", measured)
+    prune_model(tiny_model("llama"), None, _settings("lorap", loss_windows=3, loss_heldout=heldout),
+                log=lambda _: None, batches=batches)
+    assert torch.equal(seen["divergence"], batches[:3])
+    assert torch.equal(seen["statistics"], batches[3:] if heldout else batches)

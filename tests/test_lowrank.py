@@ -11,7 +11,7 @@ import torch
 
 from modelio import LowRankLinear, load_model, save_model
 from pruners import PruneSettings, count_parameters, prune_model
-from pruners.factorization import factorize, factors, max_useful_rank, shared_rank
+from pruners.factorization import factorize, factors, max_useful_rank, shared_rank, truncation_ranks
 from tests.conftest import COMMON, tiny_model
 
 
@@ -92,6 +92,7 @@ def test_shared_rank_gives_v_and_o_more():
     {"deco_method": "AFM", "mlp_compress_method": "decom"},
     {"deco_method": "SVD", "sublayer": "self_attn"},
     {"deco_method": "AWSVD", "mlp_metric": "WIFV"},  # FLAP's fluctuation on the MLP, AWSVD on attention
+    {"deco_method": "SVDLLM", "rank_allocation": "truncation"},  # ranks per matrix from the truncation loss
 ])
 def test_lorap_meets_the_budget_and_saves(extra, tmp_path):
     model = tiny_model("llama")
@@ -200,3 +201,183 @@ def test_layer_ranges_select_each_sublayer_on_its_own(method):
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     assert widths[2] == COMMON["intermediate_size"], "the MLP of layer 2 is outside the MLP range"
     assert min(widths[:2]) < COMMON["intermediate_size"]
+
+
+def _truncation_loss(shapes, spectra, weights, ranks) -> float:
+    total = 0.0
+    for (i, o), spectrum, weight, rank in zip(shapes, spectra, weights, ranks):
+        energy = spectrum.double() ** 2
+        total += weight * float(energy[rank:].sum() / energy.sum()) if rank < min(i, o) else 0.0
+    return total
+
+
+def _parameters(shapes, ranks) -> int:
+    return sum(i * o if r >= min(i, o) else r * (i + o) for (i, o), r in zip(shapes, ranks))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_truncation_ranks_fit_the_budget_and_lose_least(seed):
+    """Within the budget, never more weighted truncation loss than LoRAP's shared rank, and within a few per cent
+    of the best of all rank combinations (brute force)."""
+    import itertools
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(12, 12), (12, 6), (12, 6), (12, 12)]
+    decay = [0.2, 0.6, 0.1, 0.4]
+    spectra = [torch.exp(-d * torch.arange(min(shape))) * (1 + 0.3 * torch.rand(1, generator=generator))
+               for shape, d in zip(shapes, decay)]
+    weights = [1.0, 1.0, 3.0, 3.0]
+    dense = sum(i * o for i, o in shapes)
+    for fraction in (0.2, 0.35, 0.5):
+        budget = (1 - fraction) * dense
+        ranks = truncation_ranks(shapes, spectra, weights, budget)
+        assert _parameters(shapes, ranks) <= budget
+        loss = _truncation_loss(shapes, spectra, weights, ranks)
+        shared = shared_rank(shapes, weights, budget)
+        assert loss <= _truncation_loss(shapes, spectra, weights, shared) + 1e-12
+        choices = [list(range(max_useful_rank(i, o) + 1)) + [min(i, o)] for i, o in shapes]
+        best = min(_truncation_loss(shapes, spectra, weights, combo) for combo in itertools.product(*choices)
+                   if _parameters(shapes, combo) <= budget)
+        assert loss <= best * 1.05 + 1e-9
+
+
+def test_truncation_ranks_keep_a_matrix_dense_where_its_factors_save_little():
+    """SmolLM2's attention scaled down (q, o 48 x 48; k, v 16 x 48): at 20% LoRAP's shared rank cuts k_proj to 11
+    of 16 components to save 64 parameters; the truncation rule leaves it whole and takes the cut from q_proj."""
+    shapes = [(48, 48), (48, 16), (48, 16), (48, 48)]
+    spectra = [torch.linspace(1.0, 0.1, min(shape)) for shape in shapes]
+    budget = 0.8 * sum(i * o for i, o in shapes)
+    shared = shared_rank(shapes, [1.0, 1.0, 3.0, 3.0], budget)
+    assert shared[1] == 11  # saves 768 - 11 * 64 = 64 parameters
+    ranks = truncation_ranks(shapes, spectra, [1.0, 1.0, 3.0, 3.0], budget)
+    assert ranks[1:] == [16, 16, 48] and ranks[0] <= shared[0]
+    assert _parameters(shapes, ranks) <= budget
+
+
+def test_truncation_ranks_follow_the_spectrum():
+    """Of two equal matrices, the one whose energy sits in fewer components keeps the lower rank."""
+    shapes = [(32, 32), (32, 32)]
+    spectra = [torch.exp(-0.5 * torch.arange(32.0)), torch.exp(-0.05 * torch.arange(32.0))]
+    ranks = truncation_ranks(shapes, spectra, [1.0, 1.0], 0.5 * 2 * 32 * 32)
+    assert ranks[0] < ranks[1]
+
+
+def test_lorap_truncation_ranks_come_from_the_inputs_the_layer_is_factorized_with():
+    """--rank_allocation truncation: each attention's recorded ranks are those ``truncation_ranks`` gives on the
+    statistics its layer was factorized with (lorap propagates dense outputs: the dense model's), and differ
+    between projections where LoRAP's shared rank would tie q to k and v to o."""
+    from depgraph.architectures import rule_for
+    from pruners.lorap import SharedFraction, selected_parameters
+    from pruners.statistics import collect_input_statistics
+
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
+    rule, layers = rule_for(reference), reference.model.layers
+    selection = {"self_attn": list(range(len(layers))), "mlp": []}
+    fraction = round(0.1 * count_parameters(reference)) / selected_parameters(reference, rule, selection)
+    report = prune_model(model, None, PruneSettings(prune_method="lorap", deco_method="SVDLLM", pruning_ratio=0.1,
+                                                    nsamples=8, rank_allocation="truncation", sublayer="self_attn"),
+                         log=lambda _: None, batches=batches)
+    recorded = report.record.ranks()
+    stats = collect_input_statistics(reference, batches, [f"model.layers.{i}.self_attn.q_proj" for i in
+                                                          range(len(layers))] + [f"model.layers.{i}.self_attn.o_proj"
+                                                                                 for i in range(len(layers))],
+                                     layers=layers, progress=False, second_moments=True)
+    splitter = SharedFraction(3.0, ("self_attn",), rank_allocation="truncation")
+    for index, layer in enumerate(layers):
+        prefix = f"model.layers.{index}.self_attn"
+        inputs = {f"{prefix}.{name}": stats[f"{prefix}.{'o_proj' if name == 'o_proj' else 'q_proj'}"]
+                  for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        expected = splitter.ranks_at(layer.self_attn, prefix, "self_attn", rule, fraction, inputs)
+        for name, rank in expected.items():
+            linear = layer.self_attn.get_submodule(name.rsplit(".", 1)[1])
+            if rank <= max_useful_rank(linear.in_features, linear.out_features):
+                assert recorded[name] == rank, name
+            else:
+                assert name not in recorded
+    assert report.achieved_ratio == pytest.approx(0.1, abs=0.01)
+
+
+def test_rank_allocation_is_checked_before_any_work():
+    with pytest.raises(ValueError, match="--rank_allocation"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="lorap", rank_allocation="loss"),
+                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="--rank_allocation is not read by --prune_method flap"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="flap", rank_allocation="truncation"),
+                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
+
+
+def _logit_error(attention, rule, q_weight, k_weight, inputs) -> float:
+    """Mean squared error of every query head's logits against every key of its group, over all pairs of
+    positions of ``inputs`` (the rotary embedding left out), with the dense weights as reference."""
+    queries, keys = rule.head_counts(attention)
+    head_dim, group = rule.head_dim(attention), queries // keys
+    dense_q = (inputs @ attention.q_proj.weight.double().T).reshape(-1, queries, head_dim)
+    dense_k = (inputs @ attention.k_proj.weight.double().T).reshape(-1, keys, head_dim)
+    new_q = (inputs @ q_weight.T).reshape(-1, queries, head_dim)
+    new_k = (inputs @ k_weight.T).reshape(-1, keys, head_dim)
+    error = 0.0
+    for h in range(queries):
+        g = h // group
+        error += ((new_q[:, h] @ new_k[:, g].T - dense_q[:, h] @ dense_k[:, g].T) ** 2).mean().item()
+    return error
+
+
+def test_logit_metric_factorizes_q_and_k_for_their_logits():
+    """--attention_metric logits: q_proj and k_proj truncated to the same ranks make a smaller error on the attention
+    logits (all pairs of calibration positions) than the plain whitened truncation, which weighs their output
+    dimensions alike; both factorizations are exact at full rank."""
+    from depgraph.architectures import rule_for
+    from pruners.attention_metric import logit_metrics
+
+    model = tiny_model("llama")  # grouped-query attention: 6 query heads, 2 key-value heads of 8 dimensions
+    attention, rule = model.model.layers[0].self_attn, rule_for(model)
+    torch.manual_seed(0)
+    inputs = (torch.randn(256, COMMON["hidden_size"]) * torch.logspace(-1, 1, COMMON["hidden_size"])).double()
+    stats = collect_input_statistics_plain(inputs)
+    metrics = logit_metrics(attention, rule, stats.moment)
+    assert set(metrics) == {"q_proj", "k_proj"}
+
+    def product(name, rank, metric):
+        down, up = factors(attention.get_submodule(name).weight, rank, "SVDLLM", stats, metric)
+        return up @ down
+
+    for rank in (2, 4, 6):
+        plain = _logit_error(attention, rule, product("q_proj", rank, None), product("k_proj", rank, None), inputs)
+        weighed = _logit_error(attention, rule, product("q_proj", rank, metrics["q_proj"]),
+                               product("k_proj", rank, metrics["k_proj"]), inputs)
+        assert weighed < plain
+    full = attention.q_proj.weight.shape[0]
+    assert torch.allclose(product("q_proj", full, metrics["q_proj"]), attention.q_proj.weight.double(), atol=1e-8)
+
+
+def test_attention_metric_is_checked_before_any_work():
+    with pytest.raises(ValueError, match="--attention_metric logits needs the whitened factorization"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="lorap", attention_metric="logits"),
+                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown --attention_metric"):
+        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="whitened_lorap", attention_metric="keys"),
+                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("lorap", {"deco_method": "SVDLLM", "attention_metric": "logits", "rank_allocation": "truncation"}),
+    ("svd_llm", {"attention_metric": "logits", "rank_allocation": "truncation"}),
+    ("whitened_lorap", {"attention_metric": "logits", "loss_windows": 4}),
+])
+def test_every_architecture_takes_the_logit_metric_and_truncation_ranks(method, extra, arch, tmp_path):
+    """Both options on every architecture: the budget is met, q_proj and k_proj (where separate) are recorded as
+    measured on the logits and v_proj / o_proj on their outputs, and the saved model loads back identical."""
+    model = tiny_model(arch)
+    batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
+    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=8, **extra),
+                         log=lambda _: None, batches=batches)
+    assert abs(report.achieved_ratio - 0.2) < 0.03, report.summary()
+    measured = {entry["module"].rsplit(".", 1)[1]: entry["error_measured_on"]
+                for entry in report.record.of("factorize") if ".self_attn." in entry["module"]}
+    assert measured, f"{method} factorized no attention projection on {arch}"
+    for name, kind in measured.items():
+        assert kind == ("logits" if name in ("q_proj", "k_proj") else "outputs"), (name, kind)
+    expected = model(input_ids=batches).logits
+    assert torch.isfinite(expected).all()
+    assert torch.equal(load_model(save_model(model, None, tmp_path / "out"))(input_ids=batches).logits, expected)
