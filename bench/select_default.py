@@ -84,7 +84,7 @@ def write_table() -> str:
     measured = sorted(rows(), key=lambda row: row["heldout_ppl"])
     lines = ["Candidates for the default at 20% of all parameters, by perplexity on held-out calibration text "
              f"({measured[0]['heldout'] if measured else ''}; `python bench/select_default.py`, "
-             f"{measured[0]['machine'] if measured else ''}, {measured[0]['date'] if measured else ''}). "
+             f"{measured[0]['machine'] if measured else ''}, {', '.join(sorted({row['date'] for row in measured}))}). "
              "Lowest first.", "",
              "| candidate | settings | removed | held-out PPL |", "|---|---|---|---|"]
     for row in measured:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 ATTENTION_METRICS = ("outputs", "logits")  # every output alike (SVD-LLM), or q and k by their logit error
-# eigenvalues of a metric below this fraction of their mean are raised to it (held-out perplexity of SmolLM2 with
-# half of every attention factorized, 2026-12-05: 66.75 / 66.72 / 66.47 / 66.40 / 66.59 at 0.001 / 0.01 / 0.1 /
-# 0.3 / 1; 69.63 with every output alike)
+# eigenvalues of a metric below this fraction of their mean are raised to it (`python bench/attention_metric.py`:
+# held-out perplexity of SmolLM2 with half of every attention factorized, 66.75 / 66.72 / 66.47 / 66.40 / 66.59 at
+# 0.001 / 0.01 / 0.1 / 0.3 / 1, 69.63 with every output alike)
 METRIC_FLOOR = 0.3
 
 
