@@ -298,13 +298,16 @@ def test_lorap_truncation_ranks_come_from_the_inputs_the_layer_is_factorized_wit
     assert report.achieved_ratio == pytest.approx(0.1, abs=0.01)
 
 
-def test_rank_allocation_is_checked_before_any_work():
-    with pytest.raises(ValueError, match="--rank_allocation"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="lorap", rank_allocation="loss"),
-                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="--rank_allocation is not read by --prune_method flap"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="flap", rank_allocation="truncation"),
-                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
+@pytest.mark.parametrize("settings, message", [
+    ({"prune_method": "lorap", "rank_allocation": "loss"}, "unknown --rank_allocation"),
+    ({"prune_method": "flap", "rank_allocation": "truncation"}, "--rank_allocation is not read by --prune_method flap"),
+    ({"prune_method": "lorap", "attention_metric": "logits"}, "--attention_metric logits needs the whitened factor"),
+    ({"prune_method": "whitened_lorap", "attention_metric": "keys"}, "unknown --attention_metric"),
+])
+def test_the_rank_options_are_checked_before_any_work(settings, message):
+    with pytest.raises(ValueError, match=message):
+        prune_model(tiny_model("llama"), None, PruneSettings(**settings), log=lambda _: None,
+                    batches=torch.zeros(2, 4, dtype=torch.long))
 
 
 def _logit_error(attention, rule, q_weight, k_weight, inputs) -> float:
@@ -349,15 +352,6 @@ def test_logit_metric_factorizes_q_and_k_for_their_logits():
         assert weighed < plain
     full = attention.q_proj.weight.shape[0]
     assert torch.allclose(product("q_proj", full, metrics["q_proj"]), attention.q_proj.weight.double(), atol=1e-8)
-
-
-def test_attention_metric_is_checked_before_any_work():
-    with pytest.raises(ValueError, match="--attention_metric logits needs the whitened factorization"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="lorap", attention_metric="logits"),
-                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="unknown --attention_metric"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="whitened_lorap", attention_metric="keys"),
-                    log=lambda _: None, batches=torch.zeros(2, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("method, extra", [
