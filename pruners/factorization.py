@@ -36,6 +36,17 @@ def whitening(stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
     return vectors * values.sqrt()[None, :], (vectors / values.sqrt()[None, :]).T
 
 
+def _whitened(w: torch.Tensor, stats: InputStatistics, output_metric: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(R^T W S, S^-1, R^-1): the matrix whose truncated SVD is SVDLLM's factorization, S the whitening of the
+    inputs and R the root of the output metric (R^T and R^-1 left out without one)."""
+    root, inverse_root = whitening(stats)
+    if output_metric is None:
+        return w @ root, inverse_root, None
+    left, undo = metric_root(output_metric.to(w.dtype))
+    return left.T @ w @ root, inverse_root, undo
+
+
 def max_useful_rank(in_features: int, out_features: int) -> int:
     """The largest rank whose two factors hold fewer parameters than the dense matrix."""
     return max(0, (in_features * out_features - 1) // (in_features + out_features))
@@ -69,15 +80,11 @@ def factors(weight: torch.Tensor, rank: int, method: str = "AWSVD", stats: Input
     if stats is None or stats.second_moment is None:
         raise ValueError(f"{method} needs the second moments of the layer's inputs")
     if method == "SVDLLM":
-        root, inverse_root = whitening(stats)
-        if output_metric is None:
-            u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
-            half = s[:rank].sqrt()
-            return (half[:, None] * vh[:rank]) @ inverse_root, u[:, :rank] * half[None, :]
-        left, undo = metric_root(output_metric.to(w.dtype))
-        u, s, vh = torch.linalg.svd(left.T @ w @ root, full_matrices=False)
+        target, inverse_root, undo = _whitened(w, stats, output_metric)
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
         half = s[:rank].sqrt()
-        return (half[:, None] * vh[:rank]) @ inverse_root, undo.T @ (u[:, :rank] * half[None, :])
+        up = u[:, :rank] * half[None, :]
+        return (half[:, None] * vh[:rank]) @ inverse_root, up if undo is None else undo.T @ up
     if output_metric is not None:
         raise ValueError("an output metric (--attention_metric logits) needs --deco_method SVDLLM")
     covariance = w @ (stats.moment) @ w.T
@@ -122,9 +129,7 @@ def whitened_spectrum(weight: torch.Tensor, stats: InputStatistics, output_metri
     """Singular values of R^T W S (float64, descending), S the whitening of the inputs' second moment and R the
     root of the output metric (identity without one): dropping the i-th costs exactly its square of the error
     (SVD-LLM's truncation loss)."""
-    root, _ = whitening(stats)
-    w = weight.detach().double() @ root
-    return torch.linalg.svdvals(w if output_metric is None else metric_root(output_metric.double())[0].T @ w)
+    return torch.linalg.svdvals(_whitened(weight.detach().double(), stats, output_metric)[0])
 
 
 def truncation_ranks(shapes: list[tuple[int, int]], spectra: list[torch.Tensor], weights: list[float],

@@ -269,8 +269,7 @@ METHODS: dict[str, Composition] = {
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp",
         reads=frozenset({"deco_method", "para_allocate", "rank_allocation", "attention_metric", "mlp_compress_method",
-                         "mlp_metric",
-                         "real_com", "nsamples", "round_to", "propagate", "refit", "allocation"}),
+                         "mlp_metric", "real_com", "nsamples", "round_to", "propagate", "refit", "allocation"}),
     ),
     "whitened_lorap": Composition(
         "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
@@ -281,8 +280,7 @@ METHODS: dict[str, Composition] = {
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"para_allocate", "rank_allocation", "attention_metric", "mlp_metric", "real_com", "nsamples",
-                         "round_to",
-                         "propagate", "refit", "allocation"}),
+                         "round_to", "propagate", "refit", "allocation"}),
         defaults={"refit": True, "allocation": "loss", "nsamples": 512, "loss_windows": 32,
                   "loss_levels": (0.125, 0.25, 0.5)}, fixed={"deco_method": "SVDLLM"},
     ),
