@@ -33,6 +33,9 @@ def check_numbers(settings: PruneSettings) -> None:
     if not levels or any(not 0 < level < 1 for level in levels) or levels != sorted(set(levels)):
         raise ValueError(f"--loss_levels must be increasing fractions between 0 and 1 (e.g. 0.25,0.5), got "
                          f"{','.join(map(str, levels))}")
+    if settings.loss_heldout and settings.nsamples <= settings.loss_windows:
+        raise ValueError(f"--loss_heldout True fits the probes on the windows after the --loss_windows "
+                         f"{settings.loss_windows}, and --nsamples {settings.nsamples} leaves none: raise --nsamples")
     if settings.para_allocate <= 0:
         raise ValueError(f"--para_allocate must be positive (rank of v/o over q/k), got {settings.para_allocate}")
 

@@ -317,7 +317,10 @@ class LossDriven:
                     return factorize_in_place(parent, local, self.deco_method, inputs, metrics) / size
                 probes[(index, sublayer)] = (parent, index, size, compress)
         readers = {name for space in context.spaces for name in input_linears(graph, space)}
-        start = self.windows if self.heldout and len(context.batches) > self.windows else 0
+        start = self.windows if self.heldout else 0
+        if start >= len(context.batches):
+            raise ValueError(f"--loss_heldout True needs more calibration windows than --loss_windows ({self.windows}"
+                             f"), got {len(context.batches)}: raise --nsamples")
         windows = context.batches[start: start + STATISTIC_WINDOWS]
         stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
                                          progress=False, second_moments=True)

@@ -210,3 +210,13 @@ def test_heldout_probes_are_fitted_on_windows_the_divergence_does_not_read(monke
                 log=lambda _: None, batches=batches)
     assert torch.equal(seen["divergence"], batches[:3])
     assert torch.equal(seen["statistics"], batches[3:] if heldout else batches)
+
+
+def test_heldout_probes_without_windows_to_spare_are_refused_before_any_work(monkeypatch):
+    """With no calibration window after the divergence's, --loss_heldout would have nothing to fit on."""
+    import pruners.methods as methods
+
+    monkeypatch.setattr(methods, "calibration_batches", lambda *args, **kwargs: pytest.fail("calibration ran"))
+    with pytest.raises(ValueError, match="--loss_heldout True .* raise --nsamples"):
+        prune_model(tiny_model("llama"), None, _settings("lorap", loss_windows=8, loss_heldout=True),
+                    log=lambda _: None)
