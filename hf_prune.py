@@ -128,7 +128,7 @@ def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -
                              "measured KL to the dense model per parameter is lowest (block mode; minutes)")
     parser.add_argument("--loss_windows", type=int, default=None,
                         help="--allocation loss: calibration windows the KL is measured on (None: the method's: "
-                             "32 for whitened_lorap, else 16)")
+                             "64 for whitened_lorap, else 16)")
     parser.add_argument("--loss_levels", type=fractions, default=None,
                         help="--allocation loss: comma list of the fractions each sub-layer is measured at (None: "
                              "the method's: 0.125,0.25,0.5 for whitened_lorap, else 0.25,0.5)")

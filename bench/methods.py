@@ -113,7 +113,8 @@ RUNS: dict[str, dict] = {
                                                "propagate": "compressed", "allocation": "loss", "nsamples": 512},
     "llm_pruner-param_first-refit-512": {"prune_method": "llm_pruner", "pruner_type": "taylor",
                                          "taylor": "param_first", "refit": True, "nsamples": 512, **LAYERS_4_ON},
-    # the loss curves measured on 32 windows at 12.5%, 25% and 50% of each sub-layer (the default since 2026-12-02)
+    # the loss curves measured on 32 (the default 2026-12-02 to 2026-12-05) or 64 windows (the default since: the
+    # lowest held-out perplexity) at 12.5%, 25% and 50% of each sub-layer
     "lorap-SVDLLM-compressed-refit-loss-512-w32": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
                                                    "propagate": "compressed", "allocation": "loss", "nsamples": 512,
                                                    "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5)},

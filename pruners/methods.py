@@ -275,13 +275,13 @@ METHODS: dict[str, Composition] = {
         "the default, chosen on held-out calibration text (bench/select_default.py): LoRAP with the attention "
         "factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels by "
         "Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed outputs of the "
-        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss, KL on 32 "
+        "layers before it, the budget spread over the sub-layers by measured loss (--allocation loss, KL on 64 "
         "windows at 12.5%, 25% and 50% of each sub-layer), on 512 calibration windows",
         lambda s: Uniform(), lorap_allocator, lorap_actions, select=mlp_channel_spaces, modes=("block",),
         sublayer="self_attn,mlp", propagate="compressed",
         reads=frozenset({"para_allocate", "rank_allocation", "attention_metric", "mlp_metric", "real_com", "nsamples",
                          "round_to", "propagate", "refit", "allocation"}),
-        defaults={"refit": True, "allocation": "loss", "nsamples": 512, "loss_windows": 32,
+        defaults={"refit": True, "allocation": "loss", "nsamples": 512, "loss_windows": 64,
                   "loss_levels": (0.125, 0.25, 0.5)}, fixed={"deco_method": "SVDLLM"},
     ),
     "flatllm": Composition(

@@ -66,7 +66,7 @@ def test_a_method_default_fills_only_what_the_user_left_unset():
     default = resolved(PruneSettings())
     assert (default.prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
             default.propagate, default.allocation, default.loss_windows, default.loss_levels) == (
-        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "loss", 32, (0.125, 0.25, 0.5))
+        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "loss", 64, (0.125, 0.25, 0.5))
     flap_refit = resolved(PruneSettings(prune_method="flap_refit"))
     assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
             flap_refit.propagate) == ("AL-AM", "self_attn,mlp", True, 512, "compressed")
@@ -99,7 +99,7 @@ def test_whitened_lorap_is_lorap_with_its_settings_spelled_out(batches):
     records = []
     for settings in (PruneSettings(prune_method="whitened_lorap", pruning_ratio=0.3, nsamples=6),
                      PruneSettings(prune_method="lorap", pruning_ratio=0.3, nsamples=6, deco_method="SVDLLM",
-                                   refit=True, propagate="compressed", allocation="loss", loss_windows=32,
+                                   refit=True, propagate="compressed", allocation="loss", loss_windows=64,
                                    loss_levels=(0.125, 0.25, 0.5))):
         records.append(prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches).record)
     assert records[0].actions == records[1].actions
