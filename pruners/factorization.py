@@ -158,16 +158,10 @@ def truncation_ranks(shapes: list[tuple[int, int]], spectra: list[torch.Tensor],
         picks = [int(torch.argmin(losses + multiplier * params)) for losses, params, _ in options]
         return sum(float(o[1][k]) for o, k in zip(options, picks)), picks
 
-    low, high = 0.0, 1.0
+    high = 1.0
     while choose(high)[0] > budget and high < 1e30:
         high *= 10
-    for _ in range(100):
-        middle = (low + high) / 2
-        if choose(middle)[0] > budget:
-            low = middle
-        else:
-            high = middle
-    total, picks = choose(high)
+    total, picks = choose(_bisect(lambda multiplier: choose(multiplier)[0] <= budget, high, 0.0, 100))
     while True:  # spend the rest of the budget on the factorized matrices' next components
         best = None
         for position, ((losses, params, cap), pick) in enumerate(zip(options, picks)):
@@ -201,11 +195,17 @@ def shared_rank(shapes: list[tuple[int, int]], weights: list[float], budget: flo
                 total += rank * (in_f + out_f)
         return total, ranks
 
-    low, high = 0.0, float(max(max(i, o) for i, o in shapes))
-    for _ in range(60):
-        middle = (low + high) / 2
-        if cost(middle)[0] > budget:
-            high = middle
+    largest = float(max(max(i, o) for i, o in shapes))
+    return cost(_bisect(lambda t: cost(t)[0] <= budget, 0.0, largest, 60))[1]
+
+
+def _bisect(fits, fitting: float, failing: float, steps: int) -> float:
+    """The end of the interval on ``fitting``'s side after ``steps`` halvings: the point nearest the boundary
+    where ``fits`` still holds (``fitting`` may lie above ``failing`` or below it)."""
+    for _ in range(steps):
+        middle = (fitting + failing) / 2
+        if fits(middle):
+            fitting = middle
         else:
-            low = middle
-    return cost(low)[1]
+            failing = middle
+    return fitting
