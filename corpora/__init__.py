@@ -1,5 +1,6 @@
 """Text corpora for evaluation and calibration: a local data directory first, the public hubs second."""
 from corpora.sources import (
+    DataFormatError,
     DataNotFoundError,
     calibration_texts,
     evaluation_text,
@@ -10,6 +11,7 @@ from corpora.sources import (
 from corpora.calibration import calibration_batches, heldout_batches
 
 __all__ = [
+    "DataFormatError",
     "DataNotFoundError",
     "calibration_texts",
     "calibration_batches",

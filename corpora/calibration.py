@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import warnings
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -12,6 +14,26 @@ from corpora.sources import calibration_texts
 # The last tenth of each calibration corpus's shuffled documents is held out: calibration never reads it, so
 # methods and their defaults can be chosen on it without touching any evaluation text (bench/select_default.py).
 HELDOUT_SHARE = 0.1
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration corpus holds fewer tokens than the windows asked of it: they overlap, repeating its text."""
+
+
+def _shortfall_opening(name: str, tokens: int) -> str:
+    return f"calibration set '{name}' holds {tokens:,} tokens, "
+
+
+def shortfall(name: str, tokens: int, nsamples: int, seq_len: int, flag: str = "--nsamples") -> str | None:
+    """The one-line warning when ``tokens`` cannot fill ``nsamples`` windows of ``seq_len`` without repeating
+    text (None when they can). The windows are still drawn, all of them: this says what that means."""
+    if tokens >= nsamples * seq_len:
+        return None
+    distinct = tokens // seq_len
+    return (f"{_shortfall_opening(name, tokens)}fewer than {flag} {nsamples} x --seq_len {seq_len} = "
+            f"{nsamples * seq_len:,}: all {nsamples} windows are drawn from it, so they overlap and repeat its text "
+            f"(it fills only {distinct} windows without overlap); lower {flag} to {distinct} or choose a larger "
+            f"--calibration set")
 
 
 def _split(documents: list[str], rng: random.Random) -> tuple[list[int], list[int]]:
@@ -52,11 +74,42 @@ def calibration_batches(
     rng = random.Random(seed)
     order, _ = _split(documents, rng)
     ids = _token_stream(tokenizer, documents, order, nsamples * seq_len * 4)
-    if len(ids) <= seq_len:
-        raise ValueError(f"calibration set '{name}' has only {len(ids)} tokens, fewer than --seq_len {seq_len}")
+    _check_one_window(name, len(ids), seq_len)
+    message = shortfall(name, len(ids), nsamples, seq_len)
+    if message:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
     stream = torch.tensor(ids, dtype=torch.long)
     starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(nsamples)]
     return torch.stack([stream[s : s + seq_len] for s in starts])
+
+
+def _check_one_window(name: str, tokens: int, seq_len: int) -> None:
+    if tokens <= seq_len:
+        raise ValueError(f"calibration set '{name}' has only {tokens} tokens, fewer than --seq_len {seq_len}: "
+                         f"lower --seq_len or choose a larger --calibration set")
+
+
+def check_calibration(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    nsamples: int,
+    seq_len: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    flag: str = "--nsamples",
+) -> str | None:
+    """What ``calibration_batches`` with these arguments would refuse, refused now; and its warning line where
+    the corpus is too short for the windows asked (None when it holds enough), which the caller says once:
+    drawing those windows later does not repeat it. Reads no more of the corpus than the windows need."""
+    documents = calibration_texts(name, data_dir=data_dir)
+    order, _ = _split(documents, random.Random(seed))
+    tokens = len(_token_stream(tokenizer, documents, order, nsamples * seq_len + 1))  # one more: a window fits
+    _check_one_window(name, tokens, seq_len)
+    message = shortfall(name, tokens, nsamples, seq_len, flag)
+    if message:
+        warnings.filterwarnings("ignore", message=re.escape(_shortfall_opening(name, tokens)),
+                                category=CalibrationWarning)
+    return message
 
 
 def heldout_batches(

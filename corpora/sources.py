@@ -19,6 +19,10 @@ class DataNotFoundError(FileNotFoundError):
     """A data set is neither in the data directory nor reachable on the hub."""
 
 
+class DataFormatError(ValueError):
+    """A data file is there but cannot be read as what it should be (UTF-8 text, JSON)."""
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """Return the local data directory to use, or None to fall back to the hubs."""
     if data_dir is not None:
@@ -52,8 +56,41 @@ def _from_hub(description: str, loader):
         ) from error
 
 
+def read_text(path: Path) -> str:
+    """``path`` as UTF-8 text (universal newlines); a file that is not names itself and the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                              f"{error.start}): it must be a UTF-8 text file: convert it (iconv -t UTF-8) or "
+                              f"restore the original from shared/data") from None
+
+
+def _bad_json(path: Path, where: str) -> DataFormatError:
+    return DataFormatError(f"{path} is not valid JSON ({where}): fix the file or restore the original from "
+                           f"shared/data")
+
+
+def read_json(path: Path, lines: bool = False):
+    """A JSON file (with ``lines``: one JSON value per non-empty line), naming the file and where it breaks."""
+    text = read_text(path)
+    if not lines:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise _bad_json(path, f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise _bad_json(path, f"line {number}: {error.msg}") from None
+    return values
+
+
 def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+    return read_text(path).splitlines()
 
 
 # Evaluation text is joined the way LLM-Pruner / FLAP / LoRAP do it: "\n\n".join(rows of the HF split).
@@ -63,7 +100,7 @@ EVALUATION_SETS = ("wikitext2", "ptb", "c4")
 def _wikitext_file(path: Path) -> str:
     # The raw file is already the rows of the HF split joined by blank lines ("\n\n".join(rows)); read with
     # universal newlines it reproduces the anchors' text exactly (dense SmolLM2: 56.35 at seq 128).
-    return path.read_text(encoding="utf-8")
+    return read_text(path)
 
 
 def evaluation_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
@@ -81,7 +118,7 @@ def evaluation_text(name: str, data_dir: str | os.PathLike | None = None) -> str
     elif name == "c4":
         path = _local(folder, "c4/c4-validation.json")
         if path:
-            rows = [json.loads(line)["text"] for line in _read_lines(path)[:1100]]
+            rows = [row["text"] for row in read_json(path, lines=True)[:1100]]
         else:
             rows = _from_hub("c4", lambda: _hf(
                 "allenai/c4", None, "validation",
@@ -101,7 +138,7 @@ def calibration_texts(name: str, data_dir: str | os.PathLike | None = None) -> l
     if name == "bookcorpus":
         path = _local(folder, "calibration/lambada_bookcorpus.txt")
         if path:
-            passages = path.read_text(encoding="utf-8").split("\n\n")
+            passages = read_text(path).split("\n\n")
             return [p.strip() for p in passages if p.strip()]
         return _from_hub("bookcorpus", lambda: _hf("bookcorpus", None, "train[:20000]")["text"])
     if name == "wikitext2":
@@ -113,7 +150,7 @@ def calibration_texts(name: str, data_dir: str | os.PathLike | None = None) -> l
     if name == "c4":
         path = _local(folder, "c4/c4-train.json")
         if path:
-            return [json.loads(line)["text"] for line in _read_lines(path)]
+            return [row["text"] for row in read_json(path, lines=True)]
         return _from_hub("c4 train", lambda: _hf(
             "allenai/c4", None, "train",
             data_files={"train": "en/c4-train.00000-of-01024.json.gz"})["text"])
@@ -125,10 +162,10 @@ def calibration_texts(name: str, data_dir: str | os.PathLike | None = None) -> l
 def instruction_records(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Alpaca-format records (instruction, input, output) from a JSON file, the data directory, or the hub."""
     if path is not None:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return read_json(Path(path))
     local = _local(resolve_data_dir(data_dir), "instruct/instruct_mix.json")
     if local:
-        return json.loads(local.read_text(encoding="utf-8"))
+        return read_json(local)
     return list(_from_hub("alpaca", lambda: _hf("yahma/alpaca-cleaned", None, "train")))
 
 

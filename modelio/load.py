@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,9 @@ def embedded_model_folder(name: str) -> Path:
     config.name_or_path = name
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(dequantized.state_dict())
-    from modelio.save import staged_folder
+    from modelio.outputs import replace_folder
 
-    with staged_folder(target) as staging:
+    with replace_folder(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
@@ -152,6 +153,7 @@ def load_model(
     folder = Path(source)
     if folder.is_dir():
         _check_weights(folder)
+        check_shapes(folder)
         register_saved_type(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -194,6 +196,174 @@ def _check_weights(folder: Path) -> None:
         expected = _safetensors_extent(path)
         if expected is not None and path.stat().st_size < expected:
             raise ModelNotFoundError(f"the weights in {path} are corrupt or truncated: save the model again")
+    _verify_checksums(folder)
+
+
+VERIFY_LIMIT = 8 * 2 ** 30  # bytes of weights whose digests are checked on every load (about 1 s a GiB)
+VERIFY_ENV = "STRUCTPRUNE_VERIFY"  # "1": always check the digests, "0": never
+
+
+def _verify_checksums(folder: Path) -> None:
+    """Compare every weight shard with the digest saved beside it (``checksums.sha256``): safetensors itself has
+    no checksum, so flipped bytes in tensor data would load silently. Checked when the weights are at most
+    VERIFY_LIMIT bytes, or always / never with $STRUCTPRUNE_VERIFY=1 / 0."""
+    from modelio.save import CHECKSUMS_FILE, file_digest
+
+    listing = folder / CHECKSUMS_FILE
+    choice = os.environ.get(VERIFY_ENV, "")
+    if not listing.is_file() or choice == "0":
+        return
+    entries = [line.split(None, 1) for line in listing.read_text().splitlines() if line.strip()]
+    files = [(digest, folder / name.strip().lstrip("*")) for digest, name in entries]
+    if choice != "1" and sum(path.stat().st_size for _, path in files if path.is_file()) > VERIFY_LIMIT:
+        return
+    for digest, path in files:
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is listed in {listing} but missing: copy the whole folder again")
+        if file_digest(path) != digest:
+            raise ModelNotFoundError(f"the weights in {path} do not match their SHA-256 in {listing}: the file was "
+                                     f"changed or damaged; copy or save the model again")
+
+
+def _stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the safetensors headers alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _renamed_on_load(model: PreTrainedModel, names) -> bool:
+    """Whether transformers renames or converts some of these checkpoint keys on load (legacy names, fused
+    experts): then only names that match exactly are compared."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - an API that moved: assume renaming, compare exact matches only
+        return True
+    patterns = [re.compile(p) for t in transforms for p in getattr(t, "source_patterns", [])]
+    return any(pattern.search(name) for pattern in patterns for name in names)
+
+
+def _ignored(name: str, patterns) -> bool:
+    return any(re.search(pattern, name) for pattern in patterns or ())
+
+
+def _first_rows_equal(files: list[Path], keys: list[str]) -> bool:
+    """Whether the tensors ``keys`` hold the same first row (a tied pair saved twice, as some checkpoints do):
+    one row of each is read, not the tensors."""
+    from safetensors import safe_open
+
+    rows = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            rows += [handle.get_slice(key)[0:1] for key in keys if key in handle.keys()]
+    return len(rows) == len(keys) and all(torch.equal(rows[0], row) for row in rows[1:])
+
+
+def _disagreement(model: PreTrainedModel, stored: dict[str, tuple[int, ...]], files: list[Path] = ()) -> str | None:
+    """The first way the weights differ from what the config builds: a tensor of another shape, one the config
+    builds that the weights lack (it would be left at random init), or one the weights hold that the config has
+    no place for (it would be dropped). None when they agree."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    groups: dict[int, list[str]] = {}  # tied parameters: one tensor, several names
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    # buffers the model computes itself (rotary inv_freq, which older checkpoints kept per layer): ignored on load
+    computed = {name.rpartition(".")[2] for name, _ in model.named_buffers()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    exact_only = _renamed_on_load(model, stored)
+
+    def target(key: str) -> str | None:
+        if key in expected:
+            return key
+        if prefix and f"{prefix}.{key}" in expected:  # a checkpoint of the base model
+            return f"{prefix}.{key}"
+        if prefix and key.startswith(f"{prefix}.") and key[len(prefix) + 1:] in expected:
+            return key[len(prefix) + 1:]
+        return None
+
+    found: dict[str, str] = {}  # model name -> checkpoint key
+    extra = []
+    for key, shape in stored.items():
+        name = target(key)
+        if name is None:
+            if key.rpartition(".")[2] not in computed and not _ignored(key, model._keys_to_ignore_on_load_unexpected):
+                extra.append(key)
+            continue
+        if expected[name] != shape:
+            return f"tensor {key} is {_shape(shape)} in the weights but {_shape(expected[name])} in the config"
+        found[name] = key
+    if exact_only:
+        return None
+    for names in groups.values():
+        held = [found[name] for name in names if name in found]
+        if not held and not any(_ignored(name, model._keys_to_ignore_on_load_missing) for name in names):
+            return f"the config builds {names[0]} {_shape(expected[names[0]])}, which the weights lack"
+        if len(held) > 1 and not _first_rows_equal(list(files), held):
+            return (f"the config ties {' and '.join(names)} into one tensor, but the weights hold {len(held)} "
+                    f"({', '.join(held)})")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"the weights hold {extra[0]} {_shape(stored[extra[0]])}{more}, which the config does not build"
+    return None
+
+
+def _unknown_record(config) -> str | None:
+    """The first module a pruned config resizes that its base model does not have (a layer beyond
+    ``num_hidden_layers``, say)."""
+    from modelio.pruned import pruned_classes
+
+    try:
+        base_class = pruned_classes(config.model_type.removeprefix("pruned_"))[1].__bases__[0]
+        with torch.device("meta"):
+            modules = dict(base_class(config).named_modules())
+    except Exception:  # noqa: BLE001 - the base does not build either: the caller reports the first error
+        return None
+    for field in ("pruned_lowrank", "pruned_linear_shapes", "pruned_module_attributes"):
+        for name in getattr(config, field, None) or {}:
+            if name not in modules:
+                return f"{field} names {name}, which the config does not build"
+    return None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return f"[{', '.join(map(str, shape))}]"
+
+
+def check_shapes(folder: Path) -> None:
+    """Refuse a folder whose config.json disagrees with its weights (an edited ``num_hidden_layers``,
+    ``head_dim``, ``intermediate_size``, ``pruned_linear_shapes``, ``tie_word_embeddings``...), before real
+    weights are built: otherwise loading fails with a traceback, or worse succeeds with tensors left at random
+    init or dropped. Cheap: the config builds its model on the meta device and only the safetensors headers are
+    read."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return
+    register_saved_type(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - from_pretrained reports a config it cannot read in its own words
+        return
+    if getattr(config, "quantization_config", None):  # packed tensors: shapes are not the config's
+        return
+    fix = "the config and weights disagree: save the model again"
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # noqa: BLE001 - any error while building from an edited config
+        if not str(config.model_type).startswith("pruned_"):
+            return  # a plain config that builds nothing: from_pretrained reports it in its own words
+        detail = _unknown_record(config) or " ".join(f"{type(error).__name__}: {error}".split())
+        raise ModelNotFoundError(f"{folder}/config.json does not build its model ({detail}): {fix}") from None
+    problem = _disagreement(model, _stored_shapes(files), files)
+    if problem:
+        raise ModelNotFoundError(f"{folder}: {problem}: {fix}")
 
 
 def _safetensors_extent(path: Path) -> int | None:
@@ -214,8 +384,19 @@ def _safetensors_extent(path: Path) -> int | None:
     return 8 + header_size + (max(ends) if ends else 0)
 
 
+# Files any tokenizer folder holds at least one of (fast, slow sentencepiece / BPE / WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "tokenizer.tiktoken", "tekken.json")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     source = resolve_model_path(name_or_path)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{folder} has no tokenizer (no tokenizer.json or tokenizer_config.json): save the tokenizer with the "
+            f"model (tokenizer.save_pretrained({str(folder)!r})) or pass a model folder that has one"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:

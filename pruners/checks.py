@@ -6,7 +6,9 @@ fails in seconds with the flag to change, not after minutes of measuring.
 from __future__ import annotations
 
 import math
+import os
 
+import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Plan, rule_for
@@ -115,10 +117,118 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
                              f"raise --pruning_ratio to at least {math.ceil(heads / before * 100) / 100:.2f}")
 
 
+# Config attributes that give the longest context a model was built for, by family (LLaMA-like, GPT-2, others).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def position_limit(config) -> tuple[str, int] | None:
+    """(attribute, value): the longest context the config was built for, where it says."""
+    for attribute in POSITION_LIMITS:
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return attribute, value
+    return None
+
+
+def check_seq_len(model: nn.Module, settings: PruneSettings) -> None:
+    """--seq_len (calibration and evaluation windows) within the positions the model was built for: beyond
+    them, rotary models silently extrapolate and learned position tables fail with an index error."""
+    limit = position_limit(getattr(model, "config", None))
+    if limit and settings.seq_len > limit[1]:
+        attribute, value = limit
+        raise ValueError(f"--seq_len {settings.seq_len} exceeds this model's {attribute} {value} (the longest "
+                         f"context it was built for): use --seq_len {value} or less")
+
+
+def calibration_windows(settings: PruneSettings, composition: Composition | None = None) -> tuple[str, int]:
+    """(flag, count): the calibration windows a run draws (as ``pruners.methods.prune_model`` counts them) and
+    the flag that sets that count; count 0 where it draws none."""
+    composition = composition or composition_of(settings)
+    settings = resolved(settings, composition)
+    if not settings.pruning_ratio:
+        return "--nsamples", 0
+    count = max(composition.samples(settings), settings.nsamples if settings.allocation == "loss" else 0)
+    flag = "--num_examples" if count == settings.num_examples != settings.nsamples else "--nsamples"
+    return flag, count
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where this cannot be told): on the CPU the
+    kernel's MemAvailable, or less where a cgroup (a container's memory limit) leaves less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = [value for value in (_meminfo_available(), _cgroup_available()) if value is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+    """What the cgroup v2 memory limit of this process leaves (None without a limit)."""
+    try:
+        with open(os.path.join(root, "memory.max"), encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(root, "memory.current"), encoding="ascii") as handle:
+            return max(int(limit) - int(handle.read().strip()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def calibration_bytes_per_window(model: nn.Module, settings: PruneSettings) -> int:
+    """Memory one calibration window holds for the whole run: its token ids, and the hidden states the layer
+    pipeline keeps for every window (a layer's inputs and outputs; the dense model's too when propagating
+    ``corrected``)."""
+    config = model.config
+    parameter = next(model.parameters())
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or parameter.shape[-1]
+    copies = 3 if resolved(settings).propagate == "corrected" else 2  # idempotent on resolved settings
+    return settings.seq_len * (8 + copies * hidden * parameter.element_size())
+
+
+def check_calibration_memory(model: nn.Module, settings: PruneSettings, composition: Composition | None = None
+                             ) -> None:
+    """Refuse calibration windows whose activations alone exceed the memory left (the run would swap for hours
+    or be killed), naming the most that fit."""
+    composition = composition or composition_of(settings)
+    flag, windows = calibration_windows(settings, composition)
+    if not windows:
+        return
+    settings = resolved(settings, composition)
+    device = next(model.parameters()).device
+    available = available_memory(device)
+    per_window = calibration_bytes_per_window(model, settings)
+    if available is None or windows * per_window <= available:
+        return
+    most = available // per_window
+    fix = f"lower {flag} to at most {most}" if most else "lower --seq_len"
+    raise ValueError(f"{flag} {windows} windows of --seq_len {settings.seq_len} keep about "
+                     f"{windows * per_window / 2 ** 30:.1f} GiB of activations, more than the "
+                     f"{available / 2 ** 30:.1f} GiB of memory available on {device}: {fix}")
+
+
 def preflight(model: nn.Module, settings: PruneSettings, composition: Composition | None = None) -> None:
-    """Every check that needs the model: its architecture, the layer ranges, --remove_heads and the budget
-    (the flags the method reads are checked before loading, ``pruners.methods.check_settings_read``)."""
+    """Every check that needs the model: its architecture, the layer ranges, --remove_heads, the budget, then
+    --seq_len against its positions and the calibration's memory (the flags the method reads are checked before
+    loading, ``pruners.methods.check_settings_read``)."""
     rule = rule_for(model)
     check_layer_ranges(settings, len(rule.decoder_layers(model)))
     check_remove_heads_applies(settings)
     check_budget(model, settings, composition)
+    check_seq_len(model, settings)
+    check_calibration_memory(model, settings, composition)

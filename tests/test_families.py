@@ -91,7 +91,8 @@ def test_a_norm_over_all_heads_is_refused_before_the_model_is_touched(input_ids)
 
 def _method_settings(method: str, **extra):
     selection = {"sublayer": "self_attn,mlp"} if "block" in METHODS[method].modes else {}
-    return settings_for(method, pruning_ratio=0.2, nsamples=6, num_examples=2, **{**selection, **extra})
+    return settings_for(method, pruning_ratio=0.2, nsamples=6, num_examples=2, seq_len=16,  # the batches' length
+                        **{**selection, **extra})
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
