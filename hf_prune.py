@@ -15,19 +15,21 @@ from typing import Callable, NoReturn
 import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
+from corpora.calibration import check_calibration
 from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS, calibration_texts, evaluation_text
 from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_for
 from evaluation import perplexity
 from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
                      save_model)
-from modelio.load import DTYPES, resolve_model_path
-from modelio.save import check_save_target, check_writable
+from modelio.load import DTYPES, load_tokenizer, resolve_model_path
+from modelio.outputs import Output, plot_formats, replace_file, write_text_atomically
+from modelio.outputs import check_outputs as check_output_paths
 from pruners import METHODS, PruneSettings, count_parameters, prune_model
 from pruners.allocation import STRUCTURES
 from pruners.loss_allocation import ALLOCATIONS
 from pruners.attention_metric import ATTENTION_METRICS
 from pruners.lorap import RANK_ALLOCATIONS
-from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, check_numbers, preflight
+from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, calibration_windows, check_numbers, preflight
 from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
 from pruners.flatllm import MLP_SCORES
 from pruners.factorization import DECOMPOSITIONS
@@ -227,9 +229,12 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     """Where results go."""
     parser.add_argument("--save_model", default=None, help="folder to write the pruned model to (None: not saved)")
     parser.add_argument("--overwrite", type=str_to_bool, nargs="?", const=True, default=False,
-                        help="replace an existing, non-empty --save_model folder")
-    parser.add_argument("--plot", default=None, help="PNG of the kept fraction per layer")
-    parser.add_argument("--report", default=None, help="JSON file for the figures of this run")
+                        help="replace an existing, non-empty --save_model folder and existing --plot / --report files "
+                             "(atomically: the old ones stay until the new ones are complete), and remove what an "
+                             "interrupted earlier save left beside --save_model")
+    parser.add_argument("--plot", default=None,
+                        help="image of the kept fraction per layer (.png, .pdf, .svg, ...: the suffix is the format)")
+    parser.add_argument("--report", default=None, help="JSON file (.json) for the figures of this run")
 
 
 def settings_from(args: argparse.Namespace) -> PruneSettings:
@@ -352,16 +357,25 @@ def check_flags(args: argparse.Namespace, settings: PruneSettings) -> None:
 
 def check_data(args: argparse.Namespace, settings: PruneSettings) -> None:
     """The calibration and evaluation texts are read now (a local file read; a hub download only where no
-    data directory has them), so that a missing set fails before the dense perplexity, not after it."""
-    if settings.pruning_ratio > 0 and _needs_calibration(settings):
+    data directory has them), so that a missing set fails before the dense perplexity, not after it; then a
+    calibration corpus too short for one window is refused, and one too short for the windows asked is said,
+    in one ``warning:`` line."""
+    calibrating = _needs_calibration(settings)
+    if calibrating:
         calibration_texts(settings.calibration, data_dir=args.data_dir)
     if args.test_before_train or args.test_after_train:
         for dataset in [d for d in args.eval_datasets.split(",") if d]:
             evaluation_text(dataset, data_dir=args.data_dir)
+    if calibrating:
+        flag, windows = calibration_windows(settings)
+        message = check_calibration(load_tokenizer(args.base_model), settings.calibration, windows, settings.seq_len,
+                                    settings.seed, data_dir=args.data_dir, flag=flag)
+        if message:
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def _needs_calibration(settings: PruneSettings) -> bool:
-    return bool(METHODS[settings.prune_method].samples(resolved(settings)))
+    return calibration_windows(settings)[1] > 0
 
 
 def _check_device(name: str) -> None:
@@ -374,22 +388,23 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name}: no CUDA device is available here: use --device cpu")
 
 
-def check_outputs(args: argparse.Namespace, source: str) -> None:
-    """The save folder (not the input, empty or --overwrite, writable) and the --plot / --report files."""
+def planned_outputs(args: argparse.Namespace) -> list[Output]:
+    """Every path this run writes, as the output guard checks them."""
+    outputs = []
     if args.save_model:
-        check_save_target(args.save_model, (source, args.base_model), args.overwrite)
-    for flag, path in (("--plot", args.plot), ("--report", args.report)):
-        if path and Path(path).expanduser().is_dir():
-            raise UnsafeSaveError(f"{flag} {path} is a folder: name a file")
-        if path:
-            check_writable(Path(path).expanduser().absolute().parent, flag)
+        outputs.append(Output.folder("--save_model", args.save_model))
+    if args.plot:
+        outputs.append(Output.file("--plot", args.plot, plot_formats()))
+    if args.report:
+        outputs.append(Output.file("--report", args.report, ("json",)))
+    return outputs
 
 
-def _write_file(path: str) -> Path:
-    """``path``, with its folder created (checked writable before the run)."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
+def check_outputs(args: argparse.Namespace, source: str) -> None:
+    """Every output (writable, a known format, not over the input model or data, not over another output, not an
+    existing one without --overwrite), before any work."""
+    inputs = (source, args.base_model, resolve_data_dir(args.data_dir))
+    check_output_paths(planned_outputs(args), inputs, args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,14 +442,16 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         results["ppl_after"] = measure(model, tokenizer, args)
         print(f"after: {rounded(results['ppl_after'])}")
     if args.plot:
-        plot_kept(report, original, str(_write_file(args.plot)))
+        with replace_file(args.plot) as temporary:
+            plot_kept(report, original, str(temporary))
         print(f"plot: {args.plot}")
     if args.save_model:
         where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model,
                            record=report.record)
         print(f"saved to {where}; {load_hint(where)}")
     if args.report:
-        _write_file(args.report).write_text(json.dumps(results, indent=2, default=str))
+        write_text_atomically(args.report, json.dumps(results, indent=2, default=str))
+        print(f"report: {args.report}")
 
 
 def timed(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

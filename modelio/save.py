@@ -1,13 +1,10 @@
 """Saving a pruned model as an ordinary Hugging Face folder, atomically, never over its input."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -17,11 +14,9 @@ from depgraph.architectures import NORM_EPSILON_ATTRIBUTES
 import depgraph.value_attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
+from modelio.outputs import (Output, UnsafeSaveError, check_outputs, check_writable, overlaps,  # noqa: F401
+                             replace_folder)
 from modelio.pruned import pruned_classes, render_sources
-
-
-class UnsafeSaveError(ValueError):
-    """The folder cannot or must not be written (the input model, a non-empty folder, a read-only place)."""
 
 
 try:  # the strict-dataclass config validators of transformers 5 raise these
@@ -175,89 +170,13 @@ def _attention_attributes(module: nn.Module, config) -> dict:
     return recorded
 
 
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_modes(folder: Path) -> None:
-    """Give ``folder`` and its files the modes a plain mkdir / open would (mkdtemp and safetensors use 0700 /
-    0600, which would hide the model from other users whatever the umask says)."""
-    mask = _umask()
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-@contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
-
-    On any error the temporary folder is removed and ``target`` is left as it was: a folder is either
-    complete or absent. The published folder has the umask's usual modes.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        _publish_modes(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def overlaps(target: Path, origin: Path) -> bool:
-    """Whether writing ``target`` would write over, into or above the folder ``origin``."""
-    try:
-        a, b = target.resolve(), origin.resolve()
-    except OSError:
-        return False
-    return a == b or a in b.parents or b in a.parents
-
-
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest ancestor that exists."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_writable(folder: str | os.PathLike, what: str = "--save_model") -> None:
-    """Refuse, before any work, a place where ``folder`` cannot be created: a file on the way, no permission."""
-    existing = _nearest_existing(Path(folder).expanduser().absolute())
-    if not existing.is_dir():
-        raise UnsafeSaveError(f"cannot create {folder}: {existing} is a file, not a folder: choose another {what}")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".structprune-write-check-", dir=existing))
-    except OSError as error:
-        raise UnsafeSaveError(f"cannot write under {existing} ({error.strerror or type(error).__name__}): "
-                              f"choose another {what}") from None
-
-
 def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = False,
                       flag: str = "--save_model") -> Path:
     """The folder ``save_model`` would write, or an UnsafeSaveError naming the fix; writes nothing.
 
     ``sources`` are the places the model came from (never written over, into or above).
     """
-    target = Path(path).expanduser()
-    for origin in (Path(str(s)).expanduser() for s in sources if s):
-        if origin.exists() and overlaps(target, origin):
-            raise UnsafeSaveError(f"refusing to write {target} over, into or above the input model at {origin}: "
-                                  f"choose another {flag}")
-    if target.exists() and not target.is_dir():
-        raise UnsafeSaveError(f"{target} is a file, not a folder: choose another {flag}")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UnsafeSaveError(f"{target} exists and is not empty: choose another folder, or pass --overwrite "
-                              f"(overwrite=True from Python) to replace it")
-    check_writable(target.parent, flag)
-    return target
+    return check_outputs([Output.folder(flag, path)], sources, overwrite, log=lambda line: None)[0]
 
 
 def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overwrite: bool = False,
@@ -270,10 +189,11 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     """
     target = check_save_target(path, (source, getattr(model.config, "_name_or_path", None)), overwrite)
     try:
-        with staged_folder(target) as staging:
+        with replace_folder(target) as staging:
             _write_folder(model, tokenizer, staging)
             if record is not None:
                 record.save(staging)
+            write_checksums(staging)
     except OSError as error:  # a full disk, a permission changed meanwhile: one line, no temporary path
         raise UnsafeSaveError(f"could not write the model to {target} ({error.strerror or type(error).__name__}): "
                               f"check the free space and permissions, or choose another --save_model") from error
@@ -337,3 +257,23 @@ def _finish_config(path: Path, architecture: str | None, layer_shapes: list | No
     else:
         data.pop("layer_shapes", None)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+CHECKSUMS_FILE = "checksums.sha256"  # ``sha256sum -c checksums.sha256`` checks it too
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """A ``sha256sum``-format list of the digests of every weight shard in ``folder`` (safetensors has none)."""
+    lines = [f"{file_digest(path)}  {path.name}\n" for path in sorted(folder.glob("*.safetensors"))]
+    target = folder / CHECKSUMS_FILE
+    target.write_text("".join(lines))
+    return target
