@@ -1,11 +1,13 @@
 """Recover a pruned model: ``python post_training.py --prune_model pruned-smollm2 --output_dir recovered``.
 
-A thin command line over ``recover``: check the folder, the data and the output, load, measure, fine-tune
-LoRA adapters on Alpaca-format data (transformers' Trainer: accumulation, validation loss, checkpoints,
-``--resume_from_checkpoint``), merge them into the weights, factorize again at the recorded ranks where the
-pruning factorized, measure again, and save a plain compressed model to ``<output_dir>/model`` with a JSON
-report and the loss curve. Under ``torchrun --nproc_per_node N post_training.py ...`` (or ``accelerate launch``
-on several GPUs) the Trainer spreads the batches over the processes and the first one measures and saves. Bad input is one ``error:`` line (exit code 2) before any measuring or training.
+A thin command line over ``recover``: check the folder, the data and the output, load, measure, fine-tune LoRA
+adapters on Alpaca-format data (transformers' Trainer: accumulation, validation loss, checkpoints each marked
+complete once written, ``--resume_from_checkpoint`` from the newest complete one), merge them into the weights,
+factorize again at the recorded ranks where the pruning factorized, measure again, and save a plain compressed
+model to ``<output_dir>/model`` with a JSON report and the loss curve. Under ``torchrun --nproc_per_node N
+post_training.py ...`` (or ``accelerate launch`` on several GPUs) the Trainer spreads the batches over the
+processes and the first one measures and saves. Bad input is one ``error:`` line (exit code 2) before any
+measuring or training.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,13 +27,14 @@ from corpora import DataNotFoundError, resolve_data_dir
 from corpora.sources import EVALUATION_SETS, evaluation_text
 from hf_prune import Parser, comma_list, fail, rounded, str_to_bool, timed
 from hf_prune import measure as measure_perplexity
-from modelio import ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, save_model
+from modelio import ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, load_tokenizer, save_model
 from modelio.load import resolve_model_path
-from modelio.save import check_save_target, overlaps
+from modelio.outputs import Output, overlaps, replace_file, write_text_atomically
+from modelio.outputs import check_outputs as check_output_paths
 from pruners import count_parameters, load_record
-from recover import refactorize
+from recover import finite_json, refactorize
 from recover.data import NotAlpacaData, check_val_set_size, load_records
-from recover.lora import LoraSettings, merged, train_lora
+from recover.lora import LoraSettings, check_context, merged, resolve_checkpoint, tokenized_splits, train_lora
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, UnsafeSaveError, NotAlpacaData, ValueError)
 DEFAULT_DATA = "instruct/instruct_mix.json"  # inside the data directory (shared/data)
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{field.name}", type=kind, default=field.default)
     parser.add_argument("--max_records", type=int, default=None, help="use N records drawn at random with --seed (None: all)")
     parser.add_argument("--resume_from_checkpoint", nargs="?", const="last", default=None,
-                        help="resume from <output_dir>/checkpoints (its last checkpoint) or from this checkpoint")
+                        help="resume from <output_dir>/checkpoints (its newest complete checkpoint; incomplete ones, "
+                             "from a run stopped while writing them, are skipped) or from this checkpoint")
     parser.add_argument("--extra_rank", type=int, default=0,
                         help="factorize again at the recorded rank plus this (e.g. --lora_r to keep all of the update)")
     parser.add_argument("--data_dir", default=None, help="folder laid out like shared/data (None: as hf_prune.py)")
@@ -84,8 +89,25 @@ def data_path(args: argparse.Namespace) -> str:
     return str(Path(folder) / DEFAULT_DATA)
 
 
-def check(args: argparse.Namespace) -> list[dict]:
-    """Everything that can be refused before loading: settings, the model folder, the output, the data."""
+def planned_outputs(output_dir: Path) -> list[Output]:
+    """What a run writes into --output_dir besides its checkpoints: the model folder, the report, the loss plot."""
+    return [Output.folder("--output_dir", output_dir / "model"),
+            Output.file("--output_dir", output_dir / "report.json", ("json",)),
+            Output.file("--output_dir", output_dir / "loss.png", ("png",))]
+
+
+class Checked(NamedTuple):
+    """What ``check`` found: the records, their tokenized (train, validation) and the checkpoint to resume
+    from (None: from step 0)."""
+
+    records: list[dict]
+    splits: tuple
+    resume: str | None
+
+
+def check(args: argparse.Namespace) -> Checked:
+    """Everything that can be refused before loading the weights: settings, the model folder and its context
+    length, the output, the checkpoint to resume from, the data (tokenized with the folder's tokenizer)."""
     settings = lora_settings(args)
     settings.check()
     if args.extra_rank < 0:
@@ -95,15 +117,24 @@ def check(args: argparse.Namespace) -> list[dict]:
         raise ModelNotFoundError(f"--prune_model {args.prune_model} is not a saved model (no config.json): pass a "
                                  "folder written by hf_prune.py --save_model")
     output = Path(args.output_dir).expanduser()
-    check_save_target(output / "model", (source,), args.overwrite, flag="--output_dir")  # writability too
+    inputs = (source, data_path(args), resolve_data_dir(args.data_dir))
+    check_output_paths(planned_outputs(output), inputs, args.overwrite)  # writability and overlaps too
     if output.exists() and overlaps(output, source):
         raise UnsafeSaveError(f"--output_dir {output} is the input model's folder: choose another --output_dir")
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{source / 'config.json'} is unreadable ({type(error).__name__}): pass a folder "
+                                 "written by hf_prune.py --save_model") from None
+    check_context(settings.cutoff_len, config if isinstance(config, dict) else {}, str(source / "config.json"))
+    resume = resolve_checkpoint(output, args.resume_from_checkpoint, settings.resume_weights_only)
     records = load_records(data_path(args), args.max_records, args.seed)
     check_val_set_size(settings.val_set_size, len(records))
     if args.test_before_train or args.test_after_train:
         for dataset in [d for d in args.eval_datasets.split(",") if d]:
             evaluation_text(dataset, data_dir=args.data_dir)
-    return records
+    splits = tokenized_splits(records, load_tokenizer(args.prune_model), settings)
+    return Checked(records, splits, resume)
 
 
 def measure(model, tokenizer, args) -> dict:
@@ -139,9 +170,9 @@ def plot_loss(history: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        records = check(args)
+        checked = check(args)
         model, tokenizer = load_model_and_tokenizer(args.prune_model, device=args.device)
-        run(model, tokenizer, records, args)
+        run(model, tokenizer, checked, args)
     except ERRORS as error:
         return fail(error)
     return 0
@@ -152,21 +183,29 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None:
+def run(model, tokenizer, checked: Checked | list[dict], args: argparse.Namespace) -> None:
+    """Measure, train, merge, factorize again, measure, save. ``checked``: what ``check`` returned (or bare
+    records, tokenized and resolved here)."""
+    if not isinstance(checked, Checked):
+        settings = lora_settings(args)
+        resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, settings.resume_weights_only)
+        checked = Checked(checked, tokenized_splits(checked, tokenizer, settings), resume)
+    records = checked.records
     main_process = is_main_process()
     output = Path(args.output_dir).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     record = load_record(resolve_model_path(args.prune_model))
-    report: dict = {"settings": vars(args), "records": len(records), "parameters_before": count_parameters(model)}
+    train, validation = checked.splits
+    report: dict = {"settings": vars(args), "records": len(records), "train_records": len(train),
+                    "validation_records": len(validation) if validation is not None else 0,
+                    "parameters_before": count_parameters(model)}
     print(f"loaded {args.prune_model}: {report['parameters_before']:,} parameters; {len(records):,} records")
     if args.test_before_train and main_process:
         report["before"] = measure(model, tokenizer, args)
         print(f"before: {rounded(report['before'])}")
     start = time.perf_counter()
-    resume = None
-    if args.resume_from_checkpoint:
-        resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
-    peft_model, history = train_lora(model, tokenizer, records, lora_settings(args), output, resume)
+    peft_model, history = train_lora(model, tokenizer, records, lora_settings(args), output, checked.resume,
+                                     splits=checked.splits)
     if not main_process:
         return
     model = merged(peft_model)
@@ -184,8 +223,9 @@ def run(model, tokenizer, records: list[dict], args: argparse.Namespace) -> None
         print(f"after: {rounded(report['after'])}")
     where = save_model(model, tokenizer, output / "model", overwrite=args.overwrite, source=args.prune_model,
                        record=record)
-    plot_loss(history, output / "loss.png")
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    with replace_file(output / "loss.png") as temporary:
+        plot_loss(history, temporary)
+    write_text_atomically(output / "report.json", finite_json(report, indent=2))
     print(f"saved to {where} ({report['parameters_after']:,} parameters); report {output / 'report.json'}, "
           f"loss curve {output / 'loss.png'}")
 

@@ -3,6 +3,8 @@ train / validation split."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -114,3 +116,20 @@ def split(records: list[dict], val_set_size: int, seed: int) -> tuple[list[dict]
     validation = [records[i] for i in order[:val_set_size]]
     train = [records[i] for i in order[val_set_size:]]
     return train, validation
+
+
+def finite(value: object) -> object:
+    """``value`` with every non-finite number (NaN, +-inf) turned into None, through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def finite_json(value: object, **options) -> str:
+    """JSON text every strict parser reads (report.json): NaN and infinities become null, where ``json.dumps``
+    would write the non-standard NaN / Infinity literals. ``options`` go to ``json.dumps`` (default: str)."""
+    return json.dumps(finite(value), allow_nan=False, **{"default": str, **options})
