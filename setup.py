@@ -25,4 +25,11 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "structprune-prune = hf_prune:cli",
+            "structprune-recover = post_training:cli",
+            "structprune-eval = evaluation.__main__:cli",
+        ],
+    },
 )
