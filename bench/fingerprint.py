@@ -70,12 +70,8 @@ VARIANTS: list[tuple[str, dict]] = [
 
 def settings_of(method: str, ratio: float, options: dict):
     """The library's settings for ``method`` with flat ``options`` (the calibration counts it reads added)."""
-    try:
-        from pruners.options import flat_settings
-    except ImportError:  # the flat PruneSettings before pruners.options (how the fingerprints were taken)
-        from conftest import settings_for
+    from pruners.options import flat_settings
 
-        return settings_for(method, pruning_ratio=ratio, **{**CALIBRATION, **options})
     return flat_settings(method, pruning_ratio=ratio, **{**CALIBRATION, **options}, drop_unread=CALIBRATION)
 
 
@@ -89,6 +85,15 @@ def input_ids() -> torch.Tensor:
 
 def fingerprint(method: str, arch: str, ratio: float, options: dict) -> dict:
     """The record (without its settings block) and the logits of one run, or the refusal's message."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the float sums in one order, as when the fingerprints were taken
+    try:
+        return _fingerprint(method, arch, ratio, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fingerprint(method: str, arch: str, ratio: float, options: dict) -> dict:
     from pruners import prune_model
 
     model = tiny_model(arch)
@@ -143,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the stored fingerprints")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     found = compute()
     if args.check:
         stored = json.loads(FILE.read_text())
