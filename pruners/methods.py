@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from corpora import calibration_batches
+from corpora.sources import CALIBRATION_SETS
 from depgraph import DependencyGraph, Plan, Space
 from depgraph.apply import refresh_config
 from evaluation.stats import count_parameters
@@ -113,7 +114,7 @@ class PruneSettings(Options):
     options: MethodOptions | None = field(default=None, metadata={"help": "the method's options"})
     pruning_ratio: float = option(0.2, "fraction of ALL parameters to remove (embeddings included, tied weights "
                                        "once)")
-    calibration: str = option("bookcorpus", "calibration corpus")
+    calibration: str = option("bookcorpus", "calibration corpus", choices=CALIBRATION_SETS)
     seq_len: int = option(128, "tokens per calibration and evaluation window")
     seed: int = option(0, "seed of calibration sampling and random pruning")
     data_dir: str | None = option(None, "folder laid out like shared/data (default: $STRUCTPRUNE_DATA, else "
