@@ -31,9 +31,11 @@ def check_layer_ranges(method: Method, num_layers: int) -> None:
                              f"of this model's {num_layers}: use 0 <= start < end (end -1 = through the last)")
 
 
-def max_removable(model: nn.Module, method: Method, graph: DependencyGraph | None = None) -> int:
-    """The most parameters ``method``, in its mode and selection, can remove from ``model`` (its allocator's
+def max_removable(model: nn.Module, settings: PruneSettings, graph: DependencyGraph | None = None,
+                  composition: Composition | None = None) -> int:
+    """The most parameters the method, in its mode and selection, can remove from ``model`` (its allocator's
     capacity)."""
+    method = method_of(settings, composition)
     graph = graph or DependencyGraph.build(model)
     selection = sublayer_selection(method.options, graph.num_layers)
     return method.allocator().capacity(graph, method.select(graph, selection), selection)
@@ -49,7 +51,7 @@ def check_structures(model: nn.Module, settings: PruneSettings, graph: Dependenc
     """What this model cannot have removed exactly (depgraph.apply.refuse_inexact), refused for the spaces the
     method selects; and FLAT-LLM's value dimensions where LLaMA's attention does not stand in for the model's."""
     graph.check_layout()
-    for space in select_spaces(graph, method):
+    for space in method.select(graph, sublayer_selection(method.options, graph.num_layers)):
         refuse_inexact(graph.by_name, Plan(remove={space.name: [0]}))
     if any(action.removes_value_dims for action in method.actions(settings)):
         check_value_forward(model, graph.rule)
@@ -64,7 +66,7 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
     method = method_of(settings, composition)
     graph = DependencyGraph.build(model)
     check_structures(model, settings, graph, method)
-    removable = max_removable(model, method, graph)
+    removable = max_removable(model, settings, graph, composition)
     if budget > removable:
         allowed = _floor(removable / before)
         raise ValueError(f"--pruning_ratio {settings.pruning_ratio:g} exceeds the largest ratio the chosen "
@@ -72,7 +74,7 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
                          f"selection (--sublayer self_attn,mlp, the --block_*_layer_start/end ranges)")
     allocator = method.allocator()
     if isinstance(allocator, FixedHeads):
-        heads = allocator.heads_parameters(graph, select_spaces(graph, method))
+        heads = allocator.heads_parameters(graph, select_spaces(graph, settings, composition))
         if heads > budget:
             raise ValueError(f"--remove_heads {allocator.count} alone removes {heads:,} parameters, more than "
                              f"--pruning_ratio {settings.pruning_ratio:g} ({budget:,}): lower --remove_heads or "

@@ -166,9 +166,11 @@ class RemovalOptions(LossAllocationOptions):
                             when=METHOD_RULE)
     gqa_policy: str = option("query_heads", "remove query heads evenly inside every kv group, or whole kv groups",
                              choices=("query_heads", "kv_heads"), block_only=True)
-    remove_heads: int = option(-1, "remove this many query heads from every selected attention and the rest of the "
-                                   "budget from the MLPs; with --gqa_policy query_heads as many from every key-value "
-                                   "group, with kv_heads as whole key-value groups (-1: allocate heads by score)",
+    remove_heads: int = option(-1, "remove this many query heads from every selected attention (--sublayer "
+                                   "self_attn,mlp) and the rest of the budget from the MLPs; with --gqa_policy "
+                                   "query_heads as many from every key-value group (a multiple of the groups), with "
+                                   "kv_heads as whole key-value groups (a multiple of the group size) (-1: allocate "
+                                   "heads by score)",
                                when=METHOD_RULE, block_only=True)
     round_to: int = option(1, "keep MLP widths multiples of this")
     refit: bool = option(False, "refit o_proj / down_proj by least squares on the kept columns after heads or MLP "

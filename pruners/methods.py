@@ -42,6 +42,10 @@ class Registered:
     fixed: frozenset[str] = frozenset()
 
     @property
+    def modes(self) -> tuple[str, ...]:
+        return type(self.defaults).MODES
+
+    @property
     def base(self) -> str:
         return type(self.defaults).NAME
 
@@ -229,8 +233,10 @@ def method_of(settings: PruneSettings, composition: Composition | None = None) -
     return settings.options if composition is None else composition.build()
 
 
-def select_spaces(graph: DependencyGraph, method: Method) -> list[Space]:
-    """The spaces ``method`` selects on ``graph``."""
+def select_spaces(graph: DependencyGraph, settings: PruneSettings, composition: Composition | None = None
+                  ) -> list[Space]:
+    """The spaces the method (the registered one, or ``composition``) selects on ``graph``."""
+    method = method_of(settings, composition)
     return method.select(graph, sublayer_selection(method.options, graph.num_layers))
 
 
