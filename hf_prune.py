@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 import time
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -16,7 +18,7 @@ import torch
 
 from corpora import DataNotFoundError, resolve_data_dir
 from corpora.calibration import check_calibration
-from corpora.sources import CALIBRATION_SETS, ENV_VAR, EVALUATION_SETS, calibration_texts, evaluation_text
+from corpora.sources import EVALUATION_SETS, calibration_texts, evaluation_text
 from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_for
 from evaluation import perplexity
 from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
@@ -24,17 +26,13 @@ from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_mo
 from modelio.load import DTYPES, load_tokenizer, resolve_model_path
 from modelio.outputs import Output, plot_formats, replace_file, write_text_atomically
 from modelio.outputs import check_outputs as check_output_paths
-from pruners import METHODS, PruneSettings, count_parameters, prune_model
-from pruners.allocation import STRUCTURES
-from pruners.loss_allocation import ALLOCATIONS
-from pruners.attention_metric import ATTENTION_METRICS
-from pruners.lorap import RANK_ALLOCATIONS
-from pruners.checks import MLP_COMPRESS_METHODS, PRUNER_TYPES, calibration_windows, check_numbers, preflight
-from pruners.estimators import ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPING, TAYLOR_MODES
-from pruners.flatllm import MLP_SCORES
-from pruners.factorization import DECOMPOSITIONS
-from pruners.methods import SUBLAYERS, check_settings_read, resolved, validate_ratio
-from pruners.pipeline import PROPAGATIONS
+from pruners import METHODS, PruneSettings, count_parameters, flat_settings, prune_model
+from pruners import options_doc
+from pruners.checks import calibration_windows, preflight
+from pruners.method_options import SUBLAYERS
+from pruners.methods import DEFAULT_METHOD
+from pruners.options import CLI_CHOICES, HELP, ON_CLI
+from pruners.options_doc import defaults_text, methods_title, option_classes, option_groups
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, MissingArchitectureRule, MissingOpRule, InvalidPlan, UnsafeSaveError,
           ValueError)
@@ -85,144 +83,96 @@ def comma_list(allowed: tuple[str, ...], flag: str):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every flag, with its allowed values (from the library's own constants) and its default."""
-    defaults = PruneSettings()
-    parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base_model", default=DEFAULT_MODEL, help="embedded model name, local folder or hub id")
-    parser.add_argument("--pruning_ratio", type=float, default=defaults.pruning_ratio,
-                        help="fraction of ALL parameters to remove (embeddings included, tied weights once)")
-    parser.add_argument("--prune_method", choices=sorted(METHODS), default=None,
-                        help=f"the method: a composition of estimator, allocation and actions (README, method "
-                             f"table); None: layer_wise with --layer_wise, else {defaults.prune_method}")
-    _estimator_flags(parser, defaults)
-    _lorap_flags(parser, defaults)
-    _selection_flags(parser, defaults)
-    _data_flags(parser, defaults)
-    _output_flags(parser)
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they are values; an absent path (None) is said in the help itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """Every flag, generated from the settings' and the options' fields and grouped: common, the options
+    (``method``'s alone when given), evaluation, output."""
+    parser = Parser(description=__doc__, formatter_class=Formatter)
+    common = parser.add_argument_group("common")
+    common.add_argument("--base_model", default=DEFAULT_MODEL, help="embedded model name, local folder or hub id")
+    common.add_argument("--prune_method", choices=list(METHODS), default=None,
+                        help=f"the method (docs/options.md; --prune_method X --help lists X's options) (default: "
+                             f"layer_wise with --layer_wise, else {DEFAULT_METHOD})")
+    for each in fields(PruneSettings):
+        if each.name not in ("prune_method", "options"):
+            _add_option(common, each, getattr(PruneSettings(), each.name))
+    _mode_flags(common)
+    common.add_argument("--device", default="cpu", help="torch device to prune and evaluate on (cpu, cuda, cuda:1)")
+    common.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights' dtype while pruning and in the saved model (statistics stay float32/64); "
+                             "a checkpoint loaded in its own dtype stays memory-mapped until read")
+    _option_flags(parser, method)
+    _evaluation_flags(parser.add_argument_group("evaluation"))
+    _output_flags(parser.add_argument_group("output"))
     return parser
 
 
-def _estimator_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
-    """How elements are scored and how the budget spreads."""
-    parser.add_argument("--pruner_type", choices=PRUNER_TYPES, default=defaults.pruner_type,
-                        help="llm_pruner: importance estimator")
-    parser.add_argument("--taylor", choices=TAYLOR_MODES, default=defaults.taylor, help="llm_pruner: Taylor order")
-    parser.add_argument("--grouping_strategy", choices=tuple(GROUPING), default=defaults.grouping_strategy,
-                        help="llm_pruner: how the scores of a group's parameters combine")
-    parser.add_argument("--metrics", choices=FLUCTUATION_METRICS, default=defaults.metrics, help="flap: fluctuation metric")
-    parser.add_argument("--structure", choices=STRUCTURES, default=None,
-                        help="how the budget spreads over layers and modules (None: the method's, UL-UM)")
-    parser.add_argument("--remove_heads", type=int, default=-1,
-                        help="flap and the other pruning methods: remove this many query heads from every selected "
-                             "attention (--sublayer self_attn,mlp) and the rest of the budget from the MLPs; with "
-                             "--gqa_policy query_heads as many from every key-value group (a multiple of the groups), "
-                             "with kv_heads as whole key-value groups (a multiple of the group size) "
-                             "(-1: allocate heads by score)")
-    parser.add_argument("--bias_compensation", type=str_to_bool, default=None,
-                        help="fold removed channels' mean input into a bias (None: the method's)")
-    parser.add_argument("--refit", type=str_to_bool, default=defaults.refit,
-                        help="refit o_proj / down_proj by least squares on the kept columns after heads or MLP "
-                             "channels go (block mode; llm_pruner, flap, wanda_sp, mag_sp, lorap)")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                        help="how the budget spreads over sub-layers: the method's own rule, or loss: each "
-                             "attention / MLP compressed alone at --loss_levels, the budget spent where the "
-                             "measured KL to the dense model per parameter is lowest (block mode; minutes)")
-    parser.add_argument("--loss_windows", type=int, default=None,
-                        help="--allocation loss: calibration windows the KL is measured on (None: the method's: "
-                             "64 for whitened_lorap, else 16)")
-    parser.add_argument("--loss_levels", type=fractions, default=None,
-                        help="--allocation loss: comma list of the fractions each sub-layer is measured at (None: "
-                             "the method's: 0.125,0.25,0.5 for whitened_lorap, else 0.25,0.5)")
-    parser.add_argument("--loss_heldout", type=str_to_bool, default=defaults.loss_heldout,
-                        help="--allocation loss: fit the probes (whitening, refit) on calibration windows other than "
-                             "the ones their KL is measured on (needs more than --loss_windows windows)")
+def _option_flags(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """The methods' options: ``method``'s with its defaults, or every one under the class that declares it."""
+    if method is not None:
+        group = parser.add_argument_group(f"{method} options", METHODS[method].description)
+        for each in fields(METHODS[method].defaults):
+            _add_option(group, each, getattr(METHODS[method].defaults, each.name), suppress=True)
+        return
+    for methods, declared in option_groups():
+        if any(each.metadata.get(ON_CLI, True) for each in declared):
+            group = parser.add_argument_group(methods_title(methods))
+            for each in declared:
+                _add_option(group, each, defaults_text(each.name), suppress=True)
 
 
-def _lorap_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
-    """LoRAP's factorization."""
-    parser.add_argument("--deco_method", choices=DECOMPOSITIONS, default=defaults.deco_method,
-                        help="lorap: attention factorization")
-    parser.add_argument("--para_allocate", type=float, default=defaults.para_allocate,
-                        help="lorap: rank of v/o relative to q/k (with --rank_allocation truncation: the weight of "
-                             "their truncation loss)")
-    parser.add_argument("--rank_allocation", choices=RANK_ALLOCATIONS, default=defaults.rank_allocation,
-                        help="lorap, svd_llm: how a factorized attention's (or MLP's) ranks are shared among its "
-                             "projections: para (in the ratio --para_allocate) or truncation (per matrix from the "
-                             "whitened truncation loss on the layer's own inputs, SVD-LLM V2; a matrix whose factors "
-                             "would save little stays dense)")
-    parser.add_argument("--attention_metric", choices=ATTENTION_METRICS, default=defaults.attention_metric,
-                        help="lorap (with --deco_method SVDLLM), svd_llm: what the factorization of q_proj and k_proj "
-                             "minimizes: their output error, every dimension alike (outputs), or the error it makes "
-                             "on the attention logits, q weighed by the keys' second moment and k by the queries' "
-                             "(logits)")
-    parser.add_argument("--mlp_compress_method", choices=MLP_COMPRESS_METHODS, default=defaults.mlp_compress_method,
-                        help="lorap: prune MLP channels or factorize the MLP")
-    parser.add_argument("--mlp_metric", choices=ACTIVATION_METRICS, default=defaults.mlp_metric,
-                        help="lorap: MLP channel importance when pruning")
-    parser.add_argument("--real_com", type=str_to_bool, default=defaults.real_com,
-                        help="lorap: True keeps the two factors (smaller model), False the dense product")
-    parser.add_argument("--flatllm_mlp_score", choices=tuple(MLP_SCORES), default=defaults.flatllm_mlp_score,
-                        help="flatllm: MLP channels kept by ridge leverage (the paper's) or by output energy")
+def _add_option(group, each, default, suppress: bool = False) -> None:
+    """One flag from a dataclass field: its type, the choices the command line offers, its help and default.
+    ``suppress``: the flag is absent from the namespace unless given (the method's default applies)."""
+    if not each.metadata.get(ON_CLI, True):
+        return
+    expected = typing.get_type_hints(PruneSettings if each.name in PruneSettings.field_names() else
+                                     _declaring(each.name))[each.name]
+    kind = {bool: str_to_bool, int: int, float: float}.get(expected, fractions if "tuple" in str(expected) else str)
+    extra = {"nargs": "?", "const": True} if expected is bool and each.name in LONE_FLAGS else {}
+    if each.name == "sublayer":
+        kind = comma_list(SUBLAYERS, "--sublayer")
+    shown_default = default if isinstance(default, str) else options_doc.shown(default)
+    help_text = each.metadata.get(HELP, "") + (f" (default: {shown_default})" if suppress else "")
+    group.add_argument(f"--{each.name}", type=kind, choices=each.metadata.get(CLI_CHOICES), help=help_text,
+                       default=argparse.SUPPRESS if suppress else default, **extra)
 
 
-def _selection_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
-    """What is compressed: sub-layers, mode, GQA policy, layer ranges."""
-    parser.add_argument("--sublayer", type=comma_list(SUBLAYERS, "--sublayer"), default=None,
-                        help="sub-layers to compress: mlp, self_attn or self_attn,mlp (None: the method's, "
-                             "mlp for the pruning methods, both for lorap and flatllm)")
-    modes = parser.add_mutually_exclusive_group()
+LONE_FLAGS = ("low_memory",)  # booleans that may be given alone (--low_memory means --low_memory True)
+
+
+def _declaring(name: str) -> type:
+    return next(cls for cls in option_classes() if name in cls.field_names())
+
+
+def _mode_flags(group) -> None:
+    """LLM-Pruner's mode flags: they set the method's ``mode`` option."""
+    modes = group.add_mutually_exclusive_group()
     modes.add_argument("--block_wise", dest="mode", action="store_const", const="block", default=argparse.SUPPRESS,
                        help="prune attention heads and MLP channels (the default mode)")
     modes.add_argument("--channel_wise", dest="mode", action="store_const", const="channel", default=argparse.SUPPRESS,
                        help="prune the hidden (residual) width")
     modes.add_argument("--layer_wise", dest="mode", action="store_const", const="layer", default=argparse.SUPPRESS,
                        help="remove whole decoder layers (--prune_method layer_wise: lowest block influence first)")
-    parser.add_argument("--propagate", choices=PROPAGATIONS, default=None,
-                        help="calibrate layer i+1 on the dense or the compressed outputs of layer i; sequential: "
-                             "compressed, and inside a layer the MLP on the outputs of its compressed attention "
-                             "; corrected: compressed, with the refits and factorizations fitted to the dense model's "
-                             "outputs (None: the method's: compressed for whitened_lorap, flap_refit and flatllm, "
-                             "else dense)")
-    parser.add_argument("--gqa_policy", choices=["query_heads", "kv_heads"], default=defaults.gqa_policy,
-                        help="remove query heads evenly inside every kv group, or whole kv groups")
-    for block in ("attention", "mlp"):
-        parser.add_argument(f"--block_{block}_layer_start", type=int, default=0,
-                            help=f"first layer whose {block} is compressed")
-        parser.add_argument(f"--block_{block}_layer_end", type=int, default=None,
-                            help=f"layer after the last whose {block} is compressed (None = number of layers)")
-    parser.add_argument("--round_to", type=int, default=1, help="keep MLP widths multiples of this")
 
 
-def _data_flags(parser: argparse.ArgumentParser, defaults: PruneSettings) -> None:
-    """Calibration, evaluation, data and device."""
-    parser.add_argument("--calibration", choices=CALIBRATION_SETS, default=defaults.calibration,
-                        help="calibration corpus")
-    parser.add_argument("--nsamples", type=int, default=defaults.nsamples,
-                        help="calibration windows for activation statistics (None: the method's: 512 for "
-                             "whitened_lorap and flap_refit, else 128)")
-    parser.add_argument("--num_examples", type=int, default=defaults.num_examples,
-                        help="calibration windows (gradients)")
-    parser.add_argument("--seq_len", type=int, default=defaults.seq_len,
-                        help="tokens per calibration and evaluation window")
-    parser.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and random pruning")
-    parser.add_argument("--data_dir", default=None,
-                        help=f"folder laid out like shared/data; None: ${ENV_VAR}, else ../shared/data beside the "
-                             "project, else the Hugging Face hubs")
-    parser.add_argument("--device", default="cpu", help="torch device to prune and evaluate on (cpu, cuda, cuda:1)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="weights' dtype while pruning and in the saved model (statistics stay float32/64); "
-                             "a checkpoint loaded in its own dtype stays memory-mapped until read")
-    parser.add_argument("--low_memory", type=str_to_bool, nargs="?", const=True, default=defaults.low_memory,
-                        help="keep resident memory near one layer (weights handed back after use, Taylor in one "
-                             "checkpointed backward): the same plan, for models near the size of memory")
-    parser.add_argument("--test_before_train", type=str_to_bool, default=True,
-                        help="measure perplexity before pruning (False skips one evaluation pass)")
-    parser.add_argument("--test_after_train", type=str_to_bool, default=True, help="measure perplexity after pruning")
-    parser.add_argument("--eval_datasets", type=comma_list(EVALUATION_SETS, "--eval_datasets"), default="wikitext2",
-                        help=f"comma list of {','.join(EVALUATION_SETS)}")
-    parser.add_argument("--max_tokens", type=int, default=32768,
-                        help="evaluate on this prefix of each test set (fewer: a faster, rougher measure)")
+def _evaluation_flags(group) -> None:
+    """Perplexity before and after."""
+    group.add_argument("--test_before_train", type=str_to_bool, default=True,
+                       help="measure perplexity before pruning (False skips one evaluation pass)")
+    group.add_argument("--test_after_train", type=str_to_bool, default=True, help="measure perplexity after pruning")
+    group.add_argument("--eval_datasets", type=comma_list(EVALUATION_SETS, "--eval_datasets"), default="wikitext2",
+                       help=f"comma list of {','.join(EVALUATION_SETS)}")
+    group.add_argument("--max_tokens", type=int, default=32768,
+                       help="evaluate on this prefix of each test set (fewer: a faster, rougher measure)")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -238,13 +188,18 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> PruneSettings:
-    """The PruneSettings the flags spell out."""
-    fields = PruneSettings.__dataclass_fields__
-    # absent flags (the mode, when no --*_wise is given) keep PruneSettings' defaults
-    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    if values.get("prune_method") is None:
-        values["prune_method"] = "layer_wise" if values.get("mode") == "layer" else PruneSettings.prune_method
-    return PruneSettings(**values)
+    """The PruneSettings the flags spell out (the shared settings and the method's options, split by their
+    fields); the namespace gets the method's options that were not given, so the report has every value."""
+    values = {name: value for name, value in vars(args).items() if name in FLAG_FIELDS}
+    method = values.pop("prune_method", None) or ("layer_wise" if values.get("mode") == "layer" else DEFAULT_METHOD)
+    settings = flat_settings(method, **values)
+    vars(args).update(prune_method=method, **asdict(settings.options))
+    return settings
+
+
+# the flags that are fields of the shared settings or of some method's options
+FLAG_FIELDS = {"prune_method", *PruneSettings.shared_names(), *(name for cls in option_classes()
+                                                                for name in cls.field_names())}
 
 
 def measure(model, tokenizer, args) -> dict[str, float]:
@@ -341,11 +296,7 @@ def plot_kept(report, original: dict, path: str) -> None:
 
 
 def check_flags(args: argparse.Namespace, settings: PruneSettings) -> None:
-    """What the flags alone can refuse: numbers, the device, the data directory."""
-    validate_ratio(settings.pruning_ratio)
-    check_settings_read(settings)  # a flag the method would ignore fails now, not after loading
-    resolved(settings)
-    check_numbers(settings)
+    """What the flags alone can refuse beyond the settings' own validation: the device, the data directory."""
     measuring = (args.test_before_train or args.test_after_train) and args.eval_datasets
     if measuring and args.max_tokens < args.seq_len:
         raise ValueError(f"--max_tokens {args.max_tokens} is less than one window of --seq_len {args.seq_len}: "
@@ -407,9 +358,22 @@ def check_outputs(args: argparse.Namespace, source: str) -> None:
     check_output_paths(planned_outputs(args), inputs, args.overwrite)
 
 
+def method_asking_help(argv: list[str] | None) -> str | None:
+    """The --prune_method of a command line that asks for --help (whose help then lists that method's options)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(argv):
+        return None
+    for index, word in enumerate(argv):
+        value = word.split("=", 1)[1] if word.startswith("--prune_method=") else (
+            argv[index + 1] if word == "--prune_method" and index + 1 < len(argv) else None)
+        if value in METHODS:
+            return value
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check everything, then load, measure, prune, measure, save. Returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(method_asking_help(argv)).parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         settings = settings_from(args)

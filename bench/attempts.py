@@ -36,8 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.select_default import append_child_rows  # noqa: E402
-from pruners import METHODS  # noqa: E402
-from pruners.methods import PruneSettings  # noqa: E402
+from pruners import flat_settings  # noqa: E402
 
 ROWS = ROOT / "bench" / "results" / "attempts.jsonl"
 TABLE = ROOT / "bench" / "results" / "attempts.md"
@@ -132,15 +131,14 @@ def run_one(name: str) -> dict:
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    settings = PruneSettings(pruning_ratio=0.2, **BASELINE)
+    settings = flat_settings(pruning_ratio=0.2, **BASELINE)
     if name == "obs-channels":
-        settings = replace(settings, mlp_metric="obs")
-    method = METHODS["lorap"]
+        settings = replace(settings, options=replace(settings.options, mlp_metric="obs"))
     if name == "dense-targets":
         ORIGINAL_RUN, LayerPipeline.run = LayerPipeline.run, dense_target_run
     heldout = heldout_batches(tokenizer, settings.calibration, 64, 128, settings.seed)
     start = time.perf_counter()
-    report = prune_model(model, tokenizer, settings, log=lambda _: None, method=method)
+    report = prune_model(model, tokenizer, settings, log=lambda _: None)
     return {"attempt": name, "achieved_ratio": round(report.achieved_ratio, 4),
             "prune_seconds": round(time.perf_counter() - start), "date": date.today().isoformat(),
             "heldout_ppl": round(perplexity_on_windows(model, heldout, progress=False), 2),

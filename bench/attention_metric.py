@@ -35,7 +35,7 @@ def run(metric: str, floor: float | None) -> dict:
     from depgraph.architectures import rule_for
     from evaluation.perplexity import perplexity_on_windows
     from modelio import load_model_and_tokenizer
-    from pruners import PruneSettings, count_parameters, prune_model
+    from pruners import flat_settings, count_parameters, prune_model
     from pruners.lorap import selected_parameters
 
     torch.set_num_threads(2)
@@ -45,7 +45,7 @@ def run(metric: str, floor: float | None) -> dict:
     layers = range(len(rule_for(model).decoder_layers(model)))
     attention = selected_parameters(model, rule_for(model), {"self_attn": list(layers), "mlp": []})
     ratio = ATTENTION_FRACTION * attention / count_parameters(model)
-    settings = PruneSettings(prune_method="lorap", deco_method="SVDLLM", refit=True, propagate="compressed",
+    settings = flat_settings(prune_method="lorap", deco_method="SVDLLM", refit=True, propagate="compressed",
                              sublayer="self_attn", pruning_ratio=ratio,
                              attention_metric="outputs" if metric == "dense" else metric)
     heldout = heldout_batches(tokenizer, settings.calibration, WINDOWS, SEQ_LEN, settings.seed)

@@ -156,11 +156,11 @@ def run_one(name: str, ratio: float, zeroshot_limit: int, max_tokens: int) -> di
 
     from evaluation import perplexity
     from modelio import load_model_and_tokenizer
-    from pruners import PruneSettings, prune_model
+    from pruners import flat_settings, prune_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    settings = PruneSettings(pruning_ratio=ratio, **RUNS[name])
+    settings = flat_settings(pruning_ratio=ratio, **RUNS[name])
     start, cpu_start = time.perf_counter(), time.process_time()
     report = prune_model(model, tokenizer, settings, log=lambda _: None)
     seconds = time.perf_counter() - start

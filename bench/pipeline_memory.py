@@ -49,7 +49,7 @@ def run_one(name: str, layers: int, nsamples: int, seq_len: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pruners import PruneSettings, prune_model
+    from pruners import flat_settings, prune_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def run_one(name: str, layers: int, nsamples: int, seq_len: int) -> dict:
     batches = torch.randint(0, WIDTHS["vocab_size"], (nsamples, seq_len), generator=torch.Generator().manual_seed(0))
     loaded = _rss_mib()
     start = time.perf_counter()
-    prune_model(model, None, PruneSettings(pruning_ratio=0.2, nsamples=nsamples, **RUNS[name]), log=lambda _: None,
+    prune_model(model, None, flat_settings(pruning_ratio=0.2, nsamples=nsamples, **RUNS[name]), log=lambda _: None,
                 batches=batches)
     return {"machine": f"{platform.machine()} CPU, 2 threads", "date": date.today().isoformat(),
             "run": name, "layers": layers, "loaded_mib": round(loaded), "peak_mib": round(_rss_mib()),

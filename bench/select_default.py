@@ -51,11 +51,11 @@ def run_one(name: str) -> dict:
     from corpora import heldout_batches
     from evaluation.perplexity import perplexity_on_windows
     from modelio import load_model_and_tokenizer
-    from pruners import PruneSettings, prune_model
+    from pruners import PruneSettings, flat_settings, prune_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    settings = PruneSettings(pruning_ratio=RATIO, **RUNS[name])
+    settings = flat_settings(pruning_ratio=RATIO, **RUNS[name])
     heldout = heldout_batches(tokenizer, settings.calibration, WINDOWS, SEQ_LEN, settings.seed)
     report = prune_model(model, tokenizer, settings, log=lambda _: None)
     return {"run": name, "settings": RUNS[name], "ratio": RATIO, "achieved_ratio": round(report.achieved_ratio, 4),

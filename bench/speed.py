@@ -42,14 +42,14 @@ def measure(name: str) -> dict:
 
     from evaluation.stats import count_parameters, latency, macs, peak_memory
     from modelio import load_model_and_tokenizer
-    from pruners import PruneSettings, prune_model
+    from pruners import flat_settings, prune_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     dense_params = count_parameters(model)
     settings = CONFIGS[name]
     if settings:
-        prune_model(model, tokenizer, PruneSettings(**settings), log=lambda _: None)
+        prune_model(model, tokenizer, flat_settings(**settings), log=lambda _: None)
     params = count_parameters(model)
     speed = latency(model, tokenizer, prompt_len=128, new_tokens=64, repeats=5)
     memory = peak_memory(model, seq_len=128)

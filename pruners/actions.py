@@ -10,7 +10,9 @@ from modelio.memory import extents, release
 from pruners.allocation import allocate
 from pruners.attention_metric import output_metrics
 from pruners.compensation import bias_parameters_added, compensate_bias, removed_input_columns
+from pruners.estimators import ActivationEstimator
 from pruners.factorization import NEEDS_SECOND_MOMENTS, factorize, saves_parameters
+from pruners.interfaces import LayerAction, ModelAction
 from pruners.refit import refit_removed
 
 
@@ -26,7 +28,7 @@ def record_removals(context, plan: Plan) -> None:
 
 
 @dataclass
-class RemoveStructures:
+class RemoveStructures(ModelAction):
     """Slice out what the allocation's plan names (elements of spaces, whole decoder layers)."""
 
     def apply(self, context) -> None:
@@ -34,12 +36,12 @@ class RemoveStructures:
         if plan.is_empty():
             return
         record_removals(context, plan)
-        low_memory = getattr(context.settings, "low_memory", False)
+        low_memory = context.settings.low_memory
         context.graph.apply(plan, release=(lambda weight: release(extents([weight]))) if low_memory else None)
 
 
 @dataclass
-class CompensateBias:
+class CompensateBias(ModelAction):
     """FLAP's bias compensation: bias += W[:, J] E[x_J] for the removed input columns J of every linear
     (before the removal; needs the estimator's activation statistics)."""
 
@@ -61,7 +63,7 @@ def _projections(context, index: int, sublayer: str) -> tuple[str, dict[str, str
 
 
 @dataclass
-class Factorize:
+class Factorize(LayerAction):
     """Replace the projections of the selected ``sublayer`` by low-rank factors at the allocated ranks
     (``method``: AWSVD, AFM, SVD or SVDLLM, on the layer's own input statistics). With ``real_com=False`` the
     product is written back densely (for fine-tuning first); the record keeps the ranks either way."""
@@ -111,13 +113,13 @@ class Factorize:
 
 
 @dataclass
-class PruneChannels:
+class PruneChannels(LayerAction):
     """Remove the weakest MLP channels of each selected layer, as many as its layer target still has due
     (so they absorb what coarser actions before them could not hit), scored on that layer's inputs by
     ``estimator`` (an ``ActivationEstimator``: wanda_sp, FLAP's fluctuation, mag_sp). With ``refit`` the
     down projection is refitted on the kept channels by least squares (``pruners.refit``)."""
 
-    estimator: object
+    estimator: ActivationEstimator
     round_to: int = 1
     refit: bool = False
 
@@ -126,7 +128,7 @@ class PruneChannels:
             return {}
         from pruners.estimators import input_linears
 
-        second_moments = self.refit or getattr(self.estimator, "needs_second_moments", False)
+        second_moments = self.refit or self.estimator.needs_second_moments
         return {name: second_moments for name in input_linears(context.graph, context.graph.in_layer(index, "channels"))}
 
     def on_layer(self, context, step) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from depgraph import DependencyGraph, Plan, Space
 from pruners.estimators import HEAD_KINDS
+from pruners.interfaces import Allocator
 
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
 
@@ -168,7 +169,7 @@ def _round_kept(graph: DependencyGraph, chosen: dict[str, list[int]], scores: di
 
 
 @dataclass
-class ByUnits:
+class ByUnits(Allocator):
     """Remove the weakest units of the selected spaces, spread as ``structure`` says (see ``allocate``)."""
 
     structure: str = "UL-UM"
@@ -181,7 +182,7 @@ class ByUnits:
                         self.round_to, standardize=not context.scores_comparable)
         return Allocation(plan=plan)
 
-    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection, settings) -> int:
+    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection) -> int:
         return removable_by_units(graph, spaces)
 
 
@@ -191,7 +192,7 @@ def removable_by_units(graph: DependencyGraph, spaces: list[Space]) -> int:
 
 
 @dataclass
-class FixedHeads:
+class FixedHeads(Allocator):
     """FLAP's --remove_heads: ``count`` (weakest) query heads out of every selected attention, the rest of the
     budget from the MLPs. Under --gqa_policy kv_heads they go as whole key-value groups with their query heads."""
 
@@ -222,7 +223,7 @@ class FixedHeads:
         return sum(unit.params for space in spaces if space.kind in HEAD_KINDS
                    for unit in fixed_head_units(graph, space, np.zeros(space.size), self.count))
 
-    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection, settings) -> int:
+    def capacity(self, graph: DependencyGraph, spaces: list[Space], selection) -> int:
         return self.heads_parameters(graph, spaces) + removable_by_units(graph, [s for s in spaces
                                                                               if s.kind == "channels"])
 
@@ -249,7 +250,7 @@ def fixed_head_units(graph: DependencyGraph, space: Space, scores: np.ndarray, c
 
 
 @dataclass
-class LowestLayers:
+class LowestLayers(Allocator):
     """Drop the decoder layers of lowest score (block influence) until the budget is spent; one stays."""
 
     def allocate(self, context):
@@ -265,7 +266,7 @@ class LowestLayers:
             removed += sizes[index]
         return Allocation(plan=Plan(layers=sorted(chosen)))
 
-    def capacity(self, graph: DependencyGraph, spaces, selection, settings) -> int:
+    def capacity(self, graph: DependencyGraph, spaces, selection) -> int:
         sizes = layer_sizes(graph.rule.decoder_layers(graph.model))
         return sum(sizes) - min(sizes)
 

@@ -15,16 +15,24 @@ the budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Plan, Space
+from pruners.interfaces import Action, Allocator, Estimator, LayerAction, LayerStep, Method, ModelAction
 from pruners.pipeline import LayerPipeline
 from pruners.record import ActionRecord
 from pruners.statistics import InputStatistics
+
+if TYPE_CHECKING:
+    from pruners.method_options import MethodOptions
+    from pruners.methods import PruneSettings
+
+__all__ = ["Action", "Allocation", "Allocator", "Context", "Estimator", "LayerAction", "LayerStep", "Ledger", "Method",
+           "ModelAction", "run_steps"]
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Allocation:
     # sub-layer prefix -> fraction of its parameters to remove, whose ranks ``rank_splitter.ranks_at`` decides
     # when the layer is factorized, on the statistics it is factorized with (--rank_allocation truncation)
     deferred_fractions: dict[str, float] = field(default_factory=dict)
-    rank_splitter: object | None = None
+    rank_splitter: Allocator | None = None
 
 
 @dataclass
@@ -57,12 +65,13 @@ class Ledger:
 
 @dataclass
 class Context:
-    """Everything a step sees: the model and its graph, the settings, the budget, what is selected, the
-    calibration windows and pipeline, what earlier steps produced, and the record."""
+    """Everything a step sees: the model and its graph, the shared settings and the method's options, the budget,
+    what is selected, the calibration windows and pipeline, what earlier steps produced, and the record."""
 
     model: nn.Module
     graph: DependencyGraph
-    settings: object
+    settings: PruneSettings
+    options: MethodOptions
     budget: int
     selection: dict[str, list[int]]  # "self_attn" / "mlp" -> layers whose attention / MLP are selected
     spaces: list[Space]
@@ -74,7 +83,7 @@ class Context:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     scores_comparable: bool = False  # the estimator standardized its scores across spaces itself
     statistics: dict[str, InputStatistics] = field(default_factory=dict)  # what the estimator kept for actions
-    actions: list = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
     allocation: Allocation = field(default_factory=Allocation)
     ledger: Ledger = field(default_factory=Ledger)
 
@@ -92,29 +101,24 @@ class Context:
 
     def removable(self) -> int:
         """The budget the allocator spends: the budget plus what actions add back (compensation biases)."""
-        return self.budget + sum(getattr(action, "parameters_added", lambda _: 0)(self) for action in self.actions)
+        return self.budget + sum(action.parameters_added(self) for action in self.actions)
 
 
-def is_layer_action(action) -> bool:
-    """Actions that act inside the layer-sequential pipeline (they have ``on_layer``)."""
-    return hasattr(action, "on_layer")
-
-
-def run_steps(context: Context, estimator, allocator, actions: list) -> None:
+def run_steps(context: Context, estimator: Estimator, allocator: Allocator, actions: list[Action]) -> None:
     """Estimate, allocate, act: the whole engine."""
     context.actions = actions
     context.scores = estimator.estimate(context)
-    context.scores_comparable = bool(getattr(estimator, "comparable_across_spaces", False))
+    context.scores_comparable = estimator.comparable_across_spaces
     context.allocation = allocator.allocate(context)
     context.ledger = Ledger(dict(context.allocation.layer_targets))
     index = 0
     while index < len(actions):
-        if not is_layer_action(actions[index]):
+        if isinstance(actions[index], ModelAction):
             actions[index].apply(context)
             index += 1
             continue
         run = []
-        while index < len(actions) and is_layer_action(actions[index]):
+        while index < len(actions) and isinstance(actions[index], LayerAction):
             run.append(actions[index])
             index += 1
         context.pipeline.run(context, run, propagate=context.propagate, desc="compressing (layers)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from depgraph import DependencyGraph, Space
 from modelio.memory import release_module
+from pruners.interfaces import Estimator, LayerStep
 from pruners.pipeline import progress
 from pruners.statistics import InputStatistics, collect_input_statistics
 
@@ -29,16 +30,7 @@ GROUPING = {
 }
 
 
-class Estimator(Protocol):
-    """Scores every element of the selected spaces (or, for layer estimators, every decoder layer)."""
-
-    name: str
-
-    def estimate(self, context) -> dict[str, np.ndarray]:
-        ...
-
-
-class _WholeModel:
+class _WholeModel(Estimator):
     """Estimators that need no layer pass: they score from the weights, or from gradients of the whole model."""
 
     def estimate(self, context) -> dict[str, np.ndarray]:
@@ -46,7 +38,7 @@ class _WholeModel:
 
 
 @dataclass
-class Uniform:
+class Uniform(Estimator):
     """No scores: the allocator spreads the budget evenly (LoRAP's common fraction)."""
 
     name: str = "uniform"
@@ -56,7 +48,7 @@ class Uniform:
 
 
 @dataclass
-class BlockInfluence:
+class BlockInfluence(Estimator, LayerStep):
     """Whole-layer importance: BI = 1 - cos(input, output) of a decoder layer, averaged over calibration
     tokens (ShortGPT's measure, FLAT-LLM's layer score). A layer that barely turns its input is the cheapest
     to drop. Computed in one pass of the layer pipeline."""
@@ -324,7 +316,7 @@ def _standardized_columns(values: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class ActivationEstimator:
+class ActivationEstimator(Estimator, LayerStep):
     """FLAP's fluctuation metrics and the Wanda-sp / magnitude-sp baselines.
 
     A space is scored through the linear layers whose *input* features belong to it (o_proj for heads,

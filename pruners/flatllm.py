@@ -24,6 +24,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Plan
 from pruners.actions import record_removals
+from pruners.interfaces import Allocator, LayerAction
 from pruners.refit import least_squares_weight
 
 
@@ -100,7 +101,7 @@ def compressible_sizes(graph: DependencyGraph, selection: dict[str, list[int]]) 
 
 
 @dataclass
-class ImportancePreserving:
+class ImportancePreserving(Allocator):
     """IPRS: each selected layer keeps a ratio proportional to its block influence (capped at 1, the excess
     spread over the others), so that the total meets the budget; the per-layer targets are what goes."""
 
@@ -118,7 +119,7 @@ class ImportancePreserving:
         return Allocation(layer_ratios=kept, layer_targets={index: (1 - kept[index]) * size
                                                             for index, size in zip(layers, sizes)})
 
-    def capacity(self, graph, spaces, selection, settings) -> int:
+    def capacity(self, graph, spaces, selection) -> int:
         return int(compressible_sizes(graph, selection)[1].sum())
 
 
@@ -128,7 +129,7 @@ def _compressed(context, index: int, sublayer: str) -> bool:
 
 
 @dataclass
-class RotateValues:
+class RotateValues(LayerAction):
     """FLAT-LLM's attention step: rotate every key-value head's values into their PCA basis (exact), then
     remove the weakest value dimensions, keeping the layer's allocated ratio of them."""
 
@@ -171,7 +172,7 @@ class RotateValues:
 
 
 @dataclass
-class KeepChannelsRefit:
+class KeepChannelsRefit(LayerAction):
     """FLAT-LLM's MLP step: keep the channels of highest ``score`` (ridge leverage, or output energy), as
     many as the layer's target still allows, and refit down_proj on them by least squares,
     W' = W C[:, S] C[S, S]^-1 with C the second moment of its inputs."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pruners.interfaces import Allocator
 from pruners.factorization import shared_rank, truncation_ranks, whitened_spectrum
 from pruners.statistics import InputStatistics
 
@@ -29,7 +30,7 @@ def selected_parameters(model: nn.Module, rule, selection: dict[str, list[int]])
 
 
 @dataclass
-class SharedFraction:
+class SharedFraction(Allocator):
     """The budget as one fraction of the selected sub-layers; ranks for the sub-layers in ``factorized``
     (LoRAP's differentiated allocation), and per-layer targets that the channel pruning meets."""
 
@@ -98,5 +99,5 @@ class SharedFraction:
             ranks = shared_rank(shapes, weights, (1 - fraction) * dense)
         return {f"{prefix}.{name}": rank for name, rank in zip(names, ranks)}
 
-    def capacity(self, graph, spaces, selection, settings) -> int:
+    def capacity(self, graph, spaces, selection) -> int:
         return selected_parameters(graph.model, graph.rule, selection)

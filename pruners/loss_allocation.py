@@ -36,6 +36,7 @@ from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
 from pruners.pipeline import capture_layer_inputs, hidden_of, progress, run_layer
+from pruners.interfaces import Allocator
 from pruners.refit import refit_linear
 from pruners.statistics import InputStatistics, collect_input_statistics
 
@@ -242,7 +243,7 @@ ScoreSpace = Callable[[object, Space, dict[str, InputStatistics]], np.ndarray]
 
 
 @dataclass
-class LossDriven:
+class LossDriven(Allocator):
     """``inner``'s allocation (``SharedFraction`` or ``ByUnits``) at fractions from measured loss curves.
 
     ``deco_method``: how factorized sub-layers are probed; ``refit``: whether unit probes refit the consuming
@@ -259,8 +260,8 @@ class LossDriven:
     windows: int = WINDOWS
     heldout: bool = False  # the probes' statistics from the windows after the divergence's, not from the same ones
 
-    def capacity(self, graph, spaces, selection, settings) -> int:
-        return self.inner.capacity(graph, spaces, selection, settings)
+    def capacity(self, graph, spaces, selection) -> int:
+        return self.inner.capacity(graph, spaces, selection)
 
     def allocate(self, context):
         curves = self.curves(context)
@@ -296,7 +297,7 @@ class LossDriven:
         """One curve per sub-layer, (layer, "self_attn" / "mlp"): factorized (the inner allocator's
         ``factorized``), or pruned by units (a selected head or channel space)."""
         model, graph, rule, layers = context.model, context.graph, context.rule, context.decoder_layers()
-        factorized = getattr(self.inner, "factorized", ())
+        factorized = self.inner.factorized
         probes: dict[tuple[int, str], tuple[nn.Module, int, int, Callable[[float], float]]] = {}
         sources: dict[str, str] = {}  # factorized projection -> the projection whose inputs it shares
         for sublayer in factorized:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from modelio.memory import module_extents, release, release_module
+from pruners.interfaces import LayerStep
 from pruners.statistics import InputStatistics, TargetInputs, observe_inputs
 
 PROPAGATIONS = ("dense", "compressed", "sequential", "corrected")
@@ -101,18 +102,6 @@ class LayerPass:
     statistics: dict[str, InputStatistics] = field(default_factory=dict)
 
 
-class LayerStep(Protocol):
-    """A step of the pipeline: an estimator that scores layer by layer, or an action that acts on a layer."""
-
-    def observes(self, context, index: int | None) -> dict[str, bool]:
-        """Full names of the modules whose inputs it needs in layer ``index`` (None: the modules after the last
-        layer), each with whether it needs second moments (x x^T)."""
-        ...
-
-    def on_layer(self, context, step: LayerPass) -> None:
-        ...
-
-
 @dataclass
 class LayerPipeline:
     model: nn.Module
@@ -145,7 +134,7 @@ class LayerPipeline:
                                                  for k, v in kwargs.items()}) for args, kwargs in inputs]
 
     @torch.no_grad()
-    def run(self, context, steps: list, propagate: str = "dense", desc: str = "calibration (layers)",
+    def run(self, context, steps: list[LayerStep], propagate: str = "dense", desc: str = "calibration (layers)",
             run_head: bool = False) -> None:
         """One pass over every decoder layer with ``steps`` observing and acting (see the module docstring).
 
@@ -184,8 +173,7 @@ class LayerPipeline:
                     head(hidden_of(args, kwargs).to(home))
             last = LayerPass(-1, None, inputs, [], stats)
             for each in steps:
-                if hasattr(each, "after_layers"):
-                    each.after_layers(context, last)
+                each.after_layers(context, last)
             if self.low_memory:
                 release_module(self.model.get_output_embeddings())
 

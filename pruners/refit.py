@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pruners.compensation import add_to_bias, bias_parameters_added, removed_input_columns
+from pruners.interfaces import LayerAction
 from pruners.statistics import InputStatistics
 
 DAMPING = 1e-4  # relative to the mean diagonal of C[S, S]
@@ -120,7 +121,7 @@ def refit_removed(context, index: int, targets: dict[str, list[int]], statistics
 
 
 @dataclass
-class Refit:
+class Refit(LayerAction):
     """A layer action before the removal of a whole-model plan: in each layer, every linear that loses input
     columns (o_proj for heads, down_proj for MLP channels) is refitted by least squares on that layer's
     inputs. ``intercept`` also fits a bias (it takes the place of FLAP's bias compensation)."""

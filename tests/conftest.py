@@ -93,14 +93,8 @@ def input_ids() -> torch.Tensor:
 
 
 def settings_for(method: str, **values):
-    """PruneSettings for ``method`` from ``values``, leaving out the calibration counts it does not read
+    """PruneSettings for ``method`` from flat ``values``, leaving out the calibration counts it does not read
     (``nsamples`` for gradient methods, ``num_examples`` for activation methods), which it would refuse."""
-    from pruners import PruneSettings
-    from pruners.methods import METHODS
+    from pruners import flat_settings
 
-    composition = METHODS[method]
-    reads = composition.reads | composition.conditional_reads(PruneSettings(prune_method=method, **values))
-    for name in ("nsamples", "num_examples"):
-        if name not in reads:
-            values.pop(name, None)
-    return PruneSettings(prune_method=method, **values)
+    return flat_settings(method, drop_unread=("nsamples", "num_examples"), **values)

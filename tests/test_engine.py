@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import hf_prune
+from pruners.interfaces import Allocator
+from pruners.method_options import RemovalOptions
 from modelio import LowRankLinear, load_model, save_model
-from pruners import METHODS, PruneSettings, prune_model
+from pruners import METHODS, PruneSettings, flat_settings, prune_model
 from pruners.actions import CompensateBias, Factorize, PruneChannels, RemoveStructures
 from pruners.allocation import ByUnits
 from pruners.estimators import ActivationEstimator, BlockInfluence
@@ -60,29 +62,27 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
         assert entry["elements"] and min(entry["elements"]) >= 0
 
 
-def test_a_method_default_fills_only_what_the_user_left_unset():
-    from pruners.methods import resolved
-
-    default = resolved(PruneSettings())
-    assert (default.prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
+def test_a_preset_fills_only_what_the_user_left_unset():
+    default = flat_settings().options
+    assert (flat_settings().prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
             default.propagate, default.allocation, default.loss_windows, default.loss_levels) == (
         "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "loss", 64, (0.125, 0.25, 0.5))
-    flap_refit = resolved(PruneSettings(prune_method="flap_refit"))
+    flap_refit = flat_settings(prune_method="flap_refit").options
     assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
             flap_refit.propagate) == ("AL-AM", "self_attn,mlp", True, 512, "compressed")
-    mine = resolved(PruneSettings(prune_method="flap_refit", structure="UL-UM", sublayer="mlp", refit=False,
-                                  nsamples=16))
+    mine = flat_settings(prune_method="flap_refit", structure="UL-UM", sublayer="mlp", refit=False,
+                         nsamples=16).options
     assert (mine.structure, mine.sublayer, mine.refit, mine.nsamples) == ("UL-UM", "mlp", False, 16)
-    plain = resolved(PruneSettings(prune_method="flap"))  # FLAP itself keeps its own defaults
+    plain = flat_settings(prune_method="flap").options  # FLAP itself keeps its own defaults
     assert (plain.structure, plain.refit, plain.nsamples, plain.loss_windows, plain.loss_levels) == (
-        None, False, 128, 16, (0.25, 0.5))
+        "UL-UM", False, 128, 16, (0.25, 0.5))
 
 
 def test_flap_refit_is_flap_ranked_across_layers_with_the_refit(batches):
     """flap_refit is a set of defaults over flap, nothing else: the same record as flap with them spelled out."""
     records = []
-    for settings in (PruneSettings(prune_method="flap_refit", pruning_ratio=0.4, nsamples=6),
-                     PruneSettings(prune_method="flap", pruning_ratio=0.4, nsamples=6, structure="AL-AM",
+    for settings in (flat_settings(prune_method="flap_refit", pruning_ratio=0.4, nsamples=6),
+                     flat_settings(prune_method="flap", pruning_ratio=0.4, nsamples=6, structure="AL-AM",
                                    sublayer="self_attn,mlp", refit=True, propagate="compressed")):
         model = tiny_model("llama")
         records.append(prune_model(model, None, settings, log=lambda _: None, batches=batches).record)
@@ -97,16 +97,16 @@ def test_flap_refit_is_flap_ranked_across_layers_with_the_refit(batches):
 def test_whitened_lorap_is_lorap_with_its_settings_spelled_out(batches):
     """A method's defaults and fixed settings, nothing else: the same record as lorap with them as flags."""
     records = []
-    for settings in (PruneSettings(prune_method="whitened_lorap", pruning_ratio=0.3, nsamples=6),
-                     PruneSettings(prune_method="lorap", pruning_ratio=0.3, nsamples=6, deco_method="SVDLLM",
+    for settings in (flat_settings(prune_method="whitened_lorap", pruning_ratio=0.3, nsamples=6),
+                     flat_settings(prune_method="lorap", pruning_ratio=0.3, nsamples=6, deco_method="SVDLLM",
                                    refit=True, propagate="compressed", allocation="loss", loss_windows=64,
                                    loss_levels=(0.125, 0.25, 0.5))):
         records.append(prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches).record)
     assert records[0].actions == records[1].actions
     assert {entry["method"] for entry in records[0].of("factorize")} == {"SVDLLM"}
-    assert records[0].settings["deco_method"] == "SVDLLM"  # the record says what ran
-    with pytest.raises(ValueError, match="--deco_method is not read by --prune_method whitened_lorap"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="whitened_lorap", deco_method="AFM"),
+    assert records[0].settings["options"]["deco_method"] == "SVDLLM"  # the record says what ran
+    with pytest.raises(ValueError, match="--prune_method whitened_lorap fixes --deco_method SVDLLM"):
+        prune_model(tiny_model("llama"), None, flat_settings(prune_method="whitened_lorap", deco_method="AFM"),
                     log=lambda _: None, batches=batches)
 
 
@@ -136,12 +136,12 @@ def test_a_registered_method_is_just_its_composition(batches):
         estimator=lambda s: ActivationEstimator("WIFV"),
         allocator=lambda s: ByUnits("UL-UM"),
         actions=lambda s: [CompensateBias(), RemoveStructures()],
-        reads=frozenset({"nsamples"}),
+        options=RemovalOptions(nsamples=6),
     )
     registered, composed = tiny_model("llama"), tiny_model("llama")
-    prune_model(registered, None, PruneSettings(prune_method="flap", pruning_ratio=0.2, nsamples=6),
+    prune_model(registered, None, flat_settings(prune_method="flap", pruning_ratio=0.2, nsamples=6),
                 log=lambda _: None, batches=batches)
-    report = prune_model(composed, None, PruneSettings(pruning_ratio=0.2, nsamples=6), method=flap_again,
+    report = prune_model(composed, None, flat_settings(pruning_ratio=0.2, nsamples=6), method=flap_again,
                          log=lambda _: None, batches=batches)
     assert report.record.method == "custom"
     assert torch.equal(registered(input_ids=batches).logits, composed(input_ids=batches).logits)
@@ -150,7 +150,7 @@ def test_a_registered_method_is_just_its_composition(batches):
 def test_a_new_composition_runs_without_editing_the_library(batches):
     """Block influence with factorization of every attention at a fixed rank: a method nobody registered."""
 
-    class HalfRank:
+    class HalfRank(Allocator):
         def allocate(self, context):
             from pruners.engine import Allocation
 
@@ -163,10 +163,10 @@ def test_a_new_composition_runs_without_editing_the_library(batches):
 
     method = Composition("SVD of every attention projection at rank 2", estimator=lambda s: BlockInfluence(),
                          allocator=lambda s: HalfRank(), actions=lambda s: [Factorize("self_attn", "SVD")],
-                         select=lambda graph, settings, selection: [], sublayer="self_attn",
-                         reads=frozenset({"nsamples"}))
+                         select=lambda graph, options, selection: [],
+                         options=RemovalOptions(sublayer="self_attn", nsamples=6))
     model = tiny_model("llama")
-    report = prune_model(model, None, PruneSettings(pruning_ratio=0.1, nsamples=6), method=method,
+    report = prune_model(model, None, flat_settings(pruning_ratio=0.1, nsamples=6), method=method,
                          log=lambda _: None, batches=batches)
     assert len(report.record.of("factorize")) == 4 * COMMON["num_hidden_layers"]
     assert all(m.rank == 2 for m in model.modules() if isinstance(m, LowRankLinear))
@@ -185,12 +185,12 @@ def test_a_new_composition_runs_without_editing_the_library(batches):
     (dict(prune_method="flap", propagate="compressed"), "--propagate"),
 ])
 def test_a_flag_the_method_does_not_read_is_refused(settings, flag):
-    with pytest.raises(ValueError, match=f"{flag} is not read by --prune_method {settings['prune_method']}"):
-        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+    with pytest.raises(ValueError, match=f"{flag} is (not an option of|read by) --prune_method {settings['prune_method']}"):
+        prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=0.2, **settings), log=lambda _: None)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prune_method", "lorap", "--gqa_policy", "kv_heads"], "--gqa_policy is not read by --prune_method lorap"),
+    (["--prune_method", "lorap", "--gqa_policy", "kv_heads"], "--gqa_policy is not an option of --prune_method lorap"),
     (["--layer_wise", "--prune_method", "flap"], "does not prune in layer mode"),
     (["--channel_wise", "--prune_method", "flatllm"], "does not prune in channel mode"),
 ])
@@ -304,7 +304,6 @@ def test_the_readme_composition_example_runs(monkeypatch, batches):
     exec(code, namespace)
     report = namespace["report"]
     assert abs(report.achieved_ratio - 0.2) < 0.02 and report.record.of("compensate_bias")
-    assert "wanda_global" in pruners.methods.METHODS
 
 
 def test_recovery_factorizes_again_at_the_recorded_ranks(batches, tmp_path):

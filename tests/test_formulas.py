@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from depgraph import DependencyGraph
-from pruners import PruneSettings, prune_model
+from pruners import flat_settings, prune_model
 from pruners.estimators import ActivationEstimator, TaylorEstimator
 from tests.conftest import COMMON, tiny_model
 
@@ -88,7 +88,7 @@ def test_flatllm_keeps_the_mlp_channels_of_largest_ridge_leverage(batches):
     h = _inputs_of(original, original.model.layers[0].mlp.down_proj, batches[:4])  # layer 0 sees dense inputs
     gram = h.T @ h
     leverage = torch.diagonal(gram @ torch.linalg.inv(gram + torch.eye(gram.shape[0], dtype=gram.dtype)))
-    prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.4, nsamples=4, sublayer="mlp"),
+    prune_model(model, None, flat_settings(prune_method="flatllm", pruning_ratio=0.4, nsamples=4, sublayer="mlp"),
                 log=lambda _: None, batches=batches[:4])
     kept_rows = model.model.layers[0].mlp.gate_proj.weight.detach()
     kept = sorted(int(torch.nonzero((gate == row).all(1))[0]) for row in kept_rows)
@@ -102,7 +102,7 @@ def test_flatllm_energy_variant_keeps_the_channels_of_most_output_energy(batches
     mlp = original.model.layers[0].mlp
     h = _inputs_of(original, mlp.down_proj, batches[:4])
     energy = h.pow(2).mean(0) * mlp.down_proj.weight.detach().double().pow(2).sum(0)
-    prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.4, nsamples=4, sublayer="mlp",
+    prune_model(model, None, flat_settings(prune_method="flatllm", pruning_ratio=0.4, nsamples=4, sublayer="mlp",
                                            flatllm_mlp_score="energy"), log=lambda _: None, batches=batches[:4])
     kept_rows = model.model.layers[0].mlp.gate_proj.weight.detach()
     kept = sorted(int(torch.nonzero((mlp.gate_proj.weight.detach() == row).all(1))[0]) for row in kept_rows)

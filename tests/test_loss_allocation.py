@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modelio import load_model, save_model
-from pruners import PruneSettings, prune_model
+from pruners import PruneSettings, flat_settings, prune_model
 from pruners.loss_allocation import Curve, LossDriven, spend
 from tests.conftest import COMMON, settings_for, tiny_model
 
@@ -118,20 +118,20 @@ def test_no_budget_changes_nothing(batches):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(prune_method="flap", allocation="loss", structure="AL-AM"), "--structure is not read"),
+    (dict(prune_method="flap", allocation="loss", structure="AL-AM"), "--structure is read by --prune_method flap only with --allocation method"),
     (dict(prune_method="flap", allocation="loss", sublayer="self_attn,mlp", remove_heads=2),
-     "--remove_heads is not read"),
-    (dict(prune_method="flatllm", allocation="loss"), "--allocation is not read by --prune_method flatllm"),
-    (dict(prune_method="flap", mode="channel", allocation="loss"), "--allocation is not read"),
+     "--remove_heads is read by --prune_method flap only with --allocation method"),
+    (dict(prune_method="flatllm", allocation="loss"), "--allocation is not an option of --prune_method flatllm"),
+    (dict(prune_method="flap", mode="channel", allocation="loss"), "--allocation is read by --prune_method flap only in block mode"),
     (dict(prune_method="flap", allocation="measured"), "unknown --allocation measured: choose from method, loss"),
-    (dict(prune_method="lorap", loss_windows=8), "--loss_windows is not read"),
+    (dict(prune_method="lorap", loss_windows=8), "--loss_windows is read by --prune_method lorap only with --allocation loss"),
     (dict(prune_method="lorap", allocation="loss", loss_windows=0), "--loss_windows must be at least 1"),
     (dict(prune_method="lorap", allocation="loss", loss_levels=(0.5, 0.25)), "--loss_levels must be increasing"),
     (dict(prune_method="lorap", allocation="loss", loss_levels=(0.25, 1.0)), "--loss_levels must be increasing"),
 ])
 def test_what_a_measured_allocation_cannot_use_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
-        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+        prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=0.2, **settings), log=lambda _: None)
 
 
 def test_the_curves_are_measured_on_the_windows_and_at_the_levels_asked(monkeypatch, batches):

@@ -14,7 +14,7 @@ import modelio.save
 from evaluation.stats import _status_kib
 from modelio import load_model, save_model
 from modelio.memory import extents, release_module
-from pruners import METHODS, PruneSettings, prune_model
+from pruners import METHODS, PruneSettings, flat_settings, prune_model
 from pruners.estimators import TAYLOR_MODES, TaylorEstimator, checkpointed
 from tests.conftest import COMMON, settings_for, tiny_model
 from tests.test_cli import byte_llama
@@ -78,19 +78,17 @@ def test_checkpointing_keeps_only_layer_inputs_and_restores_the_layers(batches):
         torch.testing.assert_close(param.grad, expected)
 
 
-def test_the_loss_allocation_is_refused_under_low_memory_before_any_work(batches):
-    for settings in (PruneSettings(low_memory=True), PruneSettings(prune_method="lorap", allocation="loss",
-                                                                   low_memory=True)):
+def test_the_loss_allocation_is_refused_under_low_memory_before_any_work():
+    for settings in (dict(low_memory=True), dict(prune_method="lorap", allocation="loss", low_memory=True)):
         with pytest.raises(ValueError, match="--allocation loss keeps .* add --allocation method"):
-            prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches)
+            flat_settings(**settings)  # refused as the settings are built
 
 
 def test_param_mix_is_refused_under_low_memory_before_any_work(batches):
     model = tiny_model("llama")
     before = [param.clone() for param in model.parameters()]
     with pytest.raises(ValueError, match="param_mix .* --low_memory"):
-        prune_model(model, None, _settings("llm_pruner", taylor="param_mix", low_memory=True), log=lambda _: None,
-                    batches=batches)
+        _settings("llm_pruner", taylor="param_mix", low_memory=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -160,12 +158,12 @@ def test_the_cli_prunes_and_saves_in_bf16_with_low_memory(tmp_path):
 
 @pytest.mark.smollm2
 @pytest.mark.parametrize("settings", [
-    PruneSettings(prune_method="flap", nsamples=16),
+    flat_settings(prune_method="flap", nsamples=16),
     # flap_refit: heads, MLP channels and their refits (the default's loss curves are checked on tiny models:
     # on SmolLM2 they take minutes)
-    PruneSettings(prune_method="flap_refit", nsamples=16),
-    PruneSettings(prune_method="lorap", nsamples=16),  # factorization ranks and MLP channels
-    PruneSettings(prune_method="llm_pruner", num_examples=4),
+    flat_settings(prune_method="flap_refit", nsamples=16),
+    flat_settings(prune_method="lorap", nsamples=16),  # factorization ranks and MLP channels
+    flat_settings(prune_method="llm_pruner", num_examples=4),
 ], ids=["flap", "flap_refit", "lorap", "taylor"])
 def test_smollm2_streamed_and_plain_runs_give_the_same_plan(settings):
     from dataclasses import replace

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modelio import LowRankLinear, load_model, save_model
-from pruners import PruneSettings, count_parameters, prune_model
+from pruners import flat_settings, count_parameters, prune_model
 from pruners.factorization import factorize, factors, max_useful_rank, shared_rank, truncation_ranks
 from tests.conftest import COMMON, tiny_model
 
@@ -92,12 +92,13 @@ def test_shared_rank_gives_v_and_o_more():
     {"deco_method": "AFM", "mlp_compress_method": "decom"},
     {"deco_method": "SVD", "sublayer": "self_attn"},
     {"deco_method": "AWSVD", "mlp_metric": "WIFV"},  # FLAP's fluctuation on the MLP, AWSVD on attention
-    {"deco_method": "SVDLLM", "rank_allocation": "truncation"},  # ranks per matrix from the truncation loss
+    {"deco_method": "SVDLLM", "rank_allocation": "truncation", "truncation_weight": 2.0},  # per-matrix ranks
 ])
 def test_lorap_meets_the_budget_and_saves(extra, tmp_path):
     model = tiny_model("llama")
     batches = torch.randint(0, COMMON["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(2))
-    settings = PruneSettings(prune_method="lorap", pruning_ratio=0.15, nsamples=6, para_allocate=2.0, **extra)
+    ratio = {} if "truncation_weight" in extra else {"para_allocate": 2.0}
+    settings = flat_settings(prune_method="lorap", pruning_ratio=0.15, nsamples=6, **ratio, **extra)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert report.params_after == count_parameters(model)
     assert abs(report.achieved_ratio - 0.15) < 0.02
@@ -156,7 +157,7 @@ def test_value_rotation_is_exact(arch):
 def test_flatllm_meets_the_budget_and_saves(tmp_path):
     model = tiny_model("qwen2")
     batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
-    report = prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
+    report = prune_model(model, None, flat_settings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
                          log=lambda _: None, batches=batches)
     assert abs(report.achieved_ratio - 0.2) < 0.03
     widths = [getattr(layer.self_attn, "value_head_dim", COMMON["head_dim"]) for layer in model.model.layers]
@@ -172,7 +173,7 @@ def test_every_architecture_compresses_saves_and_reloads(method, arch, tmp_path)
     """Module names come from the architecture rule: fused qkv_proj / gate_up_proj (Phi-3) included."""
     model = tiny_model(arch)
     batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
-    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=8),
+    report = prune_model(model, None, flat_settings(prune_method=method, pruning_ratio=0.2, nsamples=8),
                          log=lambda _: None, batches=batches)
     assert abs(report.achieved_ratio - 0.2) < 0.03, report.summary()
     expected = model(input_ids=batches).logits
@@ -193,7 +194,7 @@ def test_layer_ranges_select_each_sublayer_on_its_own(method):
     batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
     original = tiny_model("llama")
     model = tiny_model("llama")
-    prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.15, nsamples=8,
+    prune_model(model, None, flat_settings(prune_method=method, pruning_ratio=0.15, nsamples=8,
                                            block_attention_layer_start=1, block_mlp_layer_end=2),
                 log=lambda _: None, batches=batches)
     assert not _attention_changed(original, model, 0), "attention of layer 0 is outside the attention range"
@@ -275,7 +276,7 @@ def test_lorap_truncation_ranks_come_from_the_inputs_the_layer_is_factorized_wit
     rule, layers = rule_for(reference), reference.model.layers
     selection = {"self_attn": list(range(len(layers))), "mlp": []}
     fraction = round(0.1 * count_parameters(reference)) / selected_parameters(reference, rule, selection)
-    report = prune_model(model, None, PruneSettings(prune_method="lorap", deco_method="SVDLLM", pruning_ratio=0.1,
+    report = prune_model(model, None, flat_settings(prune_method="lorap", deco_method="SVDLLM", pruning_ratio=0.1,
                                                     nsamples=8, rank_allocation="truncation", sublayer="self_attn"),
                          log=lambda _: None, batches=batches)
     recorded = report.record.ranks()
@@ -300,13 +301,13 @@ def test_lorap_truncation_ranks_come_from_the_inputs_the_layer_is_factorized_wit
 
 @pytest.mark.parametrize("settings, message", [
     ({"prune_method": "lorap", "rank_allocation": "loss"}, "unknown --rank_allocation"),
-    ({"prune_method": "flap", "rank_allocation": "truncation"}, "--rank_allocation is not read by --prune_method flap"),
-    ({"prune_method": "lorap", "attention_metric": "logits"}, "--attention_metric logits needs the whitened factor"),
+    ({"prune_method": "flap", "rank_allocation": "truncation"}, "--rank_allocation is not an option of --prune_method flap"),
+    ({"prune_method": "lorap", "attention_metric": "logits"}, "attention_metric logits needs the whitened factor"),
     ({"prune_method": "whitened_lorap", "attention_metric": "keys"}, "unknown --attention_metric"),
 ])
 def test_the_rank_options_are_checked_before_any_work(settings, message):
     with pytest.raises(ValueError, match=message):
-        prune_model(tiny_model("llama"), None, PruneSettings(**settings), log=lambda _: None,
+        prune_model(tiny_model("llama"), None, flat_settings(**settings), log=lambda _: None,
                     batches=torch.zeros(2, 4, dtype=torch.long))
 
 
@@ -364,7 +365,7 @@ def test_every_architecture_takes_the_logit_metric_and_truncation_ranks(method, 
     measured on the logits and v_proj / o_proj on their outputs, and the saved model loads back identical."""
     model = tiny_model(arch)
     batches = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(2))
-    report = prune_model(model, None, PruneSettings(prune_method=method, pruning_ratio=0.2, nsamples=8, **extra),
+    report = prune_model(model, None, flat_settings(prune_method=method, pruning_ratio=0.2, nsamples=8, **extra),
                          log=lambda _: None, batches=batches)
     assert abs(report.achieved_ratio - 0.2) < 0.03, report.summary()
     measured = {entry["module"].rsplit(".", 1)[1]: entry["error_measured_on"]

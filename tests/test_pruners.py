@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from torch.nn import functional as F
 
 from depgraph import DependencyGraph
 from modelio import load_model, save_model
-from pruners import METHODS, PruneSettings, count_parameters, prune_model
+from pruners import METHODS, flat_settings, count_parameters, prune_model
 from pruners.estimators import ActivationEstimator, MagnitudeEstimator, TaylorEstimator
 from tests.conftest import COMMON, settings_for, tiny_model
 
@@ -110,7 +109,7 @@ def test_budget_is_met_within_granularity(method, extra, batches):
 def test_zero_ratio_changes_nothing(batches):
     model = tiny_model("llama")
     before = model(input_ids=batches).logits
-    prune_model(model, None, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.0, nsamples=6), log=lambda _: None,
+    prune_model(model, None, flat_settings(prune_method="wanda_sp", pruning_ratio=0.0, nsamples=6), log=lambda _: None,
                 batches=batches)
     assert torch.equal(before, model(input_ids=batches).logits)
 
@@ -118,7 +117,7 @@ def test_zero_ratio_changes_nothing(batches):
 @pytest.mark.parametrize("ratio", [1.2, -0.1])
 def test_bad_ratio_is_refused(ratio):
     with pytest.raises(ValueError, match="fraction of all parameters"):
-        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=ratio))
+        prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=ratio))
 
 
 def test_a_ratio_beyond_what_attention_can_give_is_refused(batches):
@@ -126,7 +125,7 @@ def test_a_ratio_beyond_what_attention_can_give_is_refused(batches):
     every head of every layer, so it is refused with the fix, not silently clamped."""
     with pytest.raises(ValueError, match="exceeds what the chosen structures can remove.*--pruning_ratio"):
         prune_model(tiny_model("llama"), None,
-                    PruneSettings(prune_method="wanda_sp", pruning_ratio=0.6, sublayer="self_attn", nsamples=6),
+                    flat_settings(prune_method="wanda_sp", pruning_ratio=0.6, sublayer="self_attn", nsamples=6),
                     log=lambda _: None, batches=batches)
 
 
@@ -134,7 +133,7 @@ def test_a_ratio_beyond_what_attention_can_give_is_refused(batches):
 def test_a_deep_prune_keeps_a_head_per_kv_group_and_a_channel_per_mlp(structure, batches):
     model = tiny_model("llama")
     config = copy.deepcopy(model.config)
-    settings = PruneSettings(prune_method="flap", pruning_ratio=0.45, sublayer="self_attn,mlp",
+    settings = flat_settings(prune_method="flap", pruning_ratio=0.45, sublayer="self_attn,mlp",
                              structure=structure, nsamples=6)
     prune_model(model, None, settings, log=lambda _: None, batches=batches)
     head_dim = config.head_dim
@@ -149,7 +148,7 @@ def test_a_deep_prune_keeps_a_head_per_kv_group_and_a_channel_per_mlp(structure,
 
 def test_flap_bias_compensation_saves_and_loads_in_a_fresh_process(tmp_path, batches):
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
+    settings = flat_settings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
                              structure="AL-AM")
     prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -236,7 +235,7 @@ def test_layer_wise_drops_the_least_influential_layers(batches):
     model = tiny_model("llama")
     scores = _block_influence(model, batches)
     assert scores.shape == (COMMON["num_hidden_layers"],) and (scores >= 0).all()
-    settings = PruneSettings(prune_method="layer_wise", pruning_ratio=0.25, nsamples=6)
+    settings = flat_settings(prune_method="layer_wise", pruning_ratio=0.25, nsamples=6)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert report.plan.layers == [int(np.argmin(scores))]
     assert report.record.of("remove_layers") == [{"action": "remove_layers", "layers": [int(np.argmin(scores))]}]
@@ -245,9 +244,9 @@ def test_layer_wise_drops_the_least_influential_layers(batches):
 
 def test_channel_wise_prunes_the_hidden_width(batches):
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method="wanda_sp", mode="channel", pruning_ratio=0.1, nsamples=6)
-    with pytest.raises(ValueError, match="--sublayer is not read by --prune_method wanda_sp in channel mode"):
-        prune_model(tiny_model("llama"), None, replace(settings, sublayer="self_attn"), batches=batches)
+    settings = flat_settings(prune_method="wanda_sp", mode="channel", pruning_ratio=0.1, nsamples=6)
+    with pytest.raises(ValueError, match="--sublayer is read by --prune_method wanda_sp only in block mode"):
+        flat_settings(prune_method="wanda_sp", mode="channel", pruning_ratio=0.1, nsamples=6, sublayer="self_attn")
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert model.config.hidden_size < COMMON["hidden_size"]
     assert abs(report.achieved_ratio - 0.1) < 0.03
@@ -285,13 +284,13 @@ def test_taylor_modes_match_llm_pruner_formulas(mode, batches):
 
 def test_remove_heads_takes_the_same_heads_from_every_layer(batches):
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
+    settings = flat_settings(prune_method="flap", pruning_ratio=0.25, nsamples=6, sublayer="self_attn,mlp",
                              remove_heads=2)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert [s["num_attention_heads"] for s in report.layer_shapes] == [COMMON["num_attention_heads"] - 2] * 3
     assert abs(report.achieved_ratio - 0.25) < 0.02
     with pytest.raises(ValueError, match="multiple of 2"):
-        prune_model(tiny_model("llama"), None, PruneSettings(prune_method="flap", pruning_ratio=0.25, nsamples=6,
+        prune_model(tiny_model("llama"), None, flat_settings(prune_method="flap", pruning_ratio=0.25, nsamples=6,
                     sublayer="self_attn,mlp", remove_heads=3), log=lambda _: None, batches=batches)
 
 
@@ -307,7 +306,7 @@ def test_channel_wise_on_untied_models_scores_lm_head_on_its_true_inputs(arch, m
     with torch.no_grad():
         final = model(input_ids=batches, output_hidden_states=True).hidden_states[-1]  # after the final norm
     assert torch.allclose(stats["lm_head"].mean, final.reshape(-1, final.shape[-1]).double().mean(0), atol=1e-5)
-    settings = PruneSettings(prune_method=method, mode="channel", pruning_ratio=0.1, nsamples=6)
+    settings = flat_settings(prune_method=method, mode="channel", pruning_ratio=0.1, nsamples=6)
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert model.config.hidden_size < COMMON["hidden_size"] and abs(report.achieved_ratio - 0.1) < 0.03
     assert torch.isfinite(model(input_ids=batches).logits).all()
@@ -316,13 +315,15 @@ def test_channel_wise_on_untied_models_scores_lm_head_on_its_true_inputs(arch, m
 def test_remove_heads_counts_query_heads_under_the_kv_policy(batches):
     """--remove_heads N takes N query heads per layer under both policies (kv_heads: N / group size groups)."""
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method="flap", pruning_ratio=0.3, nsamples=6, sublayer="self_attn,mlp",
+    settings = flat_settings(prune_method="flap", pruning_ratio=0.3, nsamples=6, sublayer="self_attn,mlp",
                              remove_heads=3, gqa_policy="kv_heads")
     report = prune_model(model, None, settings, log=lambda _: None, batches=batches)
     assert [s["num_attention_heads"] for s in report.layer_shapes] == [COMMON["num_attention_heads"] - 3] * 3
     assert [s["num_key_value_heads"] for s in report.layer_shapes] == [COMMON["num_key_value_heads"] - 1] * 3
     with pytest.raises(ValueError, match="multiple of 3"):
-        prune_model(tiny_model("llama"), None, replace(settings, remove_heads=2), log=lambda _: None, batches=batches)
+        two = flat_settings(prune_method="flap", pruning_ratio=0.3, nsamples=6, sublayer="self_attn,mlp",
+                            remove_heads=2, gqa_policy="kv_heads")
+        prune_model(tiny_model("llama"), None, two, log=lambda _: None, batches=batches)
 
 
 @pytest.mark.parametrize("mode", ["block", "channel", "layer"])
@@ -352,7 +353,7 @@ def test_bias_compensation_adds_the_mean_contribution_of_removed_channels(batche
         original(input_ids=batches)
     handle.remove()
     mean = torch.cat(captured).double().mean(0)
-    settings = PruneSettings(prune_method="flap", pruning_ratio=0.1, nsamples=6, block_mlp_layer_start=1,
+    settings = flat_settings(prune_method="flap", pruning_ratio=0.1, nsamples=6, block_mlp_layer_start=1,
                              block_mlp_layer_end=2)
     prune_model(model, None, settings, log=lambda _: None, batches=batches)
     kept_rows = model.model.layers[1].mlp.gate_proj.weight.detach()

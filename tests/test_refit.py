@@ -6,7 +6,7 @@ import torch
 
 from depgraph import DependencyGraph
 from modelio import load_model, save_model
-from pruners import PruneSettings, prune_model
+from pruners import PruneSettings, flat_settings, prune_model
 from pruners.estimators import ActivationEstimator
 from pruners.refit import greedy_removal_costs, least_squares_weight
 from pruners.statistics import InputStatistics
@@ -179,12 +179,12 @@ def test_flap_refit_fits_the_bias_it_compensates(batches):
     (dict(prune_method="llm_pruner", propagate="compressed"), "--propagate"),
 ])
 def test_refit_flags_are_refused_where_nothing_reads_them(settings, flag):
-    with pytest.raises(ValueError, match=f"{flag} is not read"):
-        prune_model(tiny_model("llama"), None, PruneSettings(pruning_ratio=0.2, **settings), log=lambda _: None)
+    with pytest.raises(ValueError, match=f"{flag} is (not an option of|read by) --prune_method"):
+        prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=0.2, **settings), log=lambda _: None)
 
 
 def test_taylor_with_refit_reads_the_calibration_count(batches):
-    settings = PruneSettings(prune_method="llm_pruner", pruning_ratio=0.2, refit=True, nsamples=8, num_examples=2,
+    settings = flat_settings(prune_method="llm_pruner", pruning_ratio=0.2, refit=True, nsamples=8, num_examples=2,
                              propagate="compressed")
     report = prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches)
     assert report.record.of("refit")
@@ -198,7 +198,7 @@ def test_corrected_propagation_prunes_to_the_budget_and_saves(method, arch, batc
     report = prune_model(model, None, _settings(method, propagate="corrected", **extra), log=lambda _: None,
                          batches=batches)
     assert report.achieved_ratio == pytest.approx(0.3, abs=0.03)
-    assert report.record.settings["propagate"] == "corrected"
+    assert report.record.settings["options"]["propagate"] == "corrected"
     logits = model(input_ids=batches).logits
     assert torch.isfinite(logits).all()
     assert torch.equal(load_model(save_model(model, None, tmp_path / "out", record=report.record))(

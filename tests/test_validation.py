@@ -16,7 +16,7 @@ from corpora import calibration_batches, calibration_texts, evaluation_text, ins
 from depgraph import DependencyGraph, Plan
 from modelio import ModelNotFoundError, load_model, save_model
 from modelio.load import load_tokenizer
-from pruners import PruneSettings
+from pruners import flat_settings
 from pruners.checks import preflight
 from tests.conftest import COMMON, tiny_model
 from tests.test_cli import byte_llama
@@ -36,9 +36,9 @@ def _one_line(error: BaseException) -> str:
 def test_seq_len_beyond_the_models_positions_is_refused():
     model = tiny_model("llama")
     limit = COMMON["max_position_embeddings"]
-    preflight(model, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.1, seq_len=limit))
+    preflight(model, flat_settings("wanda_sp", pruning_ratio=0.1, seq_len=limit))
     with pytest.raises(ValueError) as caught:
-        preflight(model, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.1, seq_len=limit + 1))
+        preflight(model, flat_settings("wanda_sp", pruning_ratio=0.1, seq_len=limit + 1))
     message = _one_line(caught.value)
     assert "--seq_len" in message and str(limit) in message and "max_position_embeddings" in message
 
@@ -47,14 +47,14 @@ def test_seq_len_is_checked_without_pruning_too():
     """Evaluation alone (--pruning_ratio 0) reads the same --seq_len."""
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="--seq_len"):
-        preflight(model, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.0, seq_len=1000))
+        preflight(model, flat_settings("wanda_sp", pruning_ratio=0.0, seq_len=1000))
 
 
 def test_calibration_that_cannot_fit_in_memory_is_refused(monkeypatch):
     import pruners.checks as checks
 
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method="wanda_sp", pruning_ratio=0.1, nsamples=128, seq_len=32)
+    settings = flat_settings("wanda_sp", pruning_ratio=0.1, nsamples=128, seq_len=32)
     preflight(model, settings)  # the real memory of this machine holds 128 tiny windows
     monkeypatch.setattr(checks, "available_memory", lambda device: 1 << 20)
     with pytest.raises(ValueError) as caught:
@@ -63,9 +63,9 @@ def test_calibration_that_cannot_fit_in_memory_is_refused(monkeypatch):
     assert "--nsamples 128" in message and "memory" in message
     allowed = int(re.search(r"at most (\d+)", message).group(1))
     assert 0 < allowed < 128
-    preflight(model, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.1, nsamples=allowed, seq_len=32))
+    preflight(model, flat_settings("wanda_sp", pruning_ratio=0.1, nsamples=allowed, seq_len=32))
     # no calibration at all (a zero ratio): nothing to refuse
-    preflight(model, PruneSettings(prune_method="wanda_sp", pruning_ratio=0.0, nsamples=128, seq_len=32))
+    preflight(model, flat_settings("wanda_sp", pruning_ratio=0.0, nsamples=128, seq_len=32))
 
 
 def _small_corpus(folder: Path, passages: int = 20) -> int:

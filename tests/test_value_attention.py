@@ -6,7 +6,7 @@ import torch
 
 import pruners.flatllm as flatllm
 from depgraph import DependencyGraph, Plan
-from pruners import PruneSettings, prune_model
+from pruners import flat_settings, prune_model
 from tests.conftest import COMMON, tiny_model
 
 VALUE_ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3"]
@@ -58,7 +58,7 @@ def test_flatllm_calibrates_every_layer_on_its_true_inputs(monkeypatch):
         return compress(self, context, step)
 
     monkeypatch.setattr(flatllm.RotateValues, "on_layer", recording)
-    prune_model(model, None, PruneSettings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
+    prune_model(model, None, flat_settings(prune_method="flatllm", pruning_ratio=0.2, nsamples=8),
                 log=lambda _: None, batches=batches)
     assert len(seen) >= 2
     with torch.no_grad():
