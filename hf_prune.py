@@ -265,11 +265,11 @@ def load_hint(folder: Path) -> str:
     """The exact line that loads what was saved: plain transformers, or the pruned classes' remote code."""
     config = json.loads((folder / "config.json").read_text())
     where = repr(str(folder))
-    if not str(config.get("model_type", "")).startswith("pruned_"):
+    if "auto_map" not in config:
         return f"load with AutoModelForCausalLM.from_pretrained({where}) and AutoTokenizer.from_pretrained({where})"
     return (f"load with modelio.load_model({where}) and modelio.load_tokenizer({where}); without this project, "
             f"AutoModelForCausalLM.from_pretrained({where}, trust_remote_code=True) and "
-            f"AutoTokenizer.from_pretrained({where}, trust_remote_code=True)")
+            f"AutoTokenizer.from_pretrained({where})")
 
 
 def plot_kept(report, original: dict, path: str) -> None:

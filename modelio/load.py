@@ -116,24 +116,34 @@ def _hub_error(name: str, error: Exception) -> ModelNotFoundError:
     )
 
 
-def register_saved_type(folder: str | os.PathLike) -> None:
-    """Register ``pruned_<base>`` with the Auto classes when a local folder holds one (any base type)."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        return
+def _saved_config(folder: Path) -> dict:
+    """``config.json`` of a local folder as a dict ({} where there is none or it does not parse: transformers
+    reports a broken config itself)."""
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type", "")
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return  # transformers reports the broken config itself
-    if isinstance(model_type, str) and model_type.startswith("pruned_"):
-        from modelio.pruned import pruned_classes
+        return {}
+    return config if isinstance(config, dict) else {}
 
-        pruned_classes(model_type.removeprefix("pruned_"))
+
+def pruned_classes_of(folder: str | os.PathLike) -> tuple[type, type] | None:
+    """(config class, model class) of a heterogeneous pruned folder (None for any other)."""
+    from modelio.pruned import saved_classes
+
+    return saved_classes(_saved_config(Path(folder)))
+
+
+def register_saved_type(folder: str | os.PathLike) -> None:
+    """Build (and register with the Auto classes) the pruned classes a local folder needs, if any."""
+    pruned_classes_of(folder)
 
 
 def load_config(name_or_path: str | os.PathLike):
+    """The config of a model: the pruned config class for a heterogeneous folder, else AutoConfig's."""
     source = resolve_model_path(name_or_path)
-    register_saved_type(source)
+    classes = pruned_classes_of(source) if Path(source).is_dir() else None
+    if classes:
+        return classes[0].from_pretrained(source)
     return AutoConfig.from_pretrained(source)
 
 
@@ -154,9 +164,12 @@ def load_model(
     if folder.is_dir():
         _check_weights(folder)
         check_shapes(folder)
-        register_saved_type(folder)
+    classes = pruned_classes_of(folder) if folder.is_dir() else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if classes:
+            model = classes[1].from_pretrained(source, config=load_config(source), **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
         if folder.exists():
             raise ModelNotFoundError(f"could not load {source}: {error}") from error
@@ -345,9 +358,8 @@ def check_shapes(folder: Path) -> None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return
-    register_saved_type(folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = load_config(folder)
     except Exception:  # noqa: BLE001 - from_pretrained reports a config it cannot read in its own words
         return
     if getattr(config, "quantization_config", None):  # packed tensors: shapes are not the config's
@@ -357,7 +369,7 @@ def check_shapes(folder: Path) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # noqa: BLE001 - any error while building from an edited config
-        if not str(config.model_type).startswith("pruned_"):
+        if not hasattr(config, "pruned_linear_shapes"):
             return  # a plain config that builds nothing: from_pretrained reports it in its own words
         detail = _unknown_record(config) or " ".join(f"{type(error).__name__}: {error}".split())
         raise ModelNotFoundError(f"{folder}/config.json does not build its model ({detail}): {fix}") from None

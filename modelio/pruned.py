@@ -2,13 +2,13 @@
 
 A uniformly pruned model saves under its own architecture (a plain ``LlamaConfig`` with smaller sizes) and
 needs no code. A heterogeneous one (per-layer head counts or MLP widths, biases added by compensation) saves
-as ``pruned_<base>``: the base config plus ``pruned_linear_shapes`` ({module: [out, in, has_bias]}) and
+its base type's config (``model_type`` unchanged, so plain transformers reads it, e.g. for the tokenizer) plus ``pruned_linear_shapes`` ({module: [out, in, has_bias]}) and
 ``pruned_module_attributes`` ({module: {attribute: value}}). Its model class builds the base model and then
 resizes exactly those modules, so ``from_pretrained`` maps every tensor by its usual name.
 
 The same source text is written into each saved folder (``configuration_pruned.py``, ``modeling_pruned.py``)
-so plain transformers loads it with ``trust_remote_code=True``; with this project imported, the classes are
-registered with the Auto classes and no remote code runs.
+(``auto_map`` names them) so plain transformers loads it with ``trust_remote_code=True``; this project loads it
+with the same classes built in-process (``saved_classes``), and no remote code runs.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from transformers import {base_config}
 
 
 class {config_class}({base_config}):
-    model_type = "pruned_{base_type}"
+    model_type = "{base_type}"  # plain transformers reads the folder's config (AutoTokenizer) without remote code
 
     def __init__(self, pruned_linear_shapes=None, pruned_module_attributes=None, layer_shapes=None,
                  pruned_lowrank=None, pruned_init_counts=None, **kwargs):
@@ -155,10 +155,31 @@ def pruned_classes(base_type: str) -> tuple[type, type]:
     config_class = namespace.__dict__[names["config_class"]]
     model_class = namespace.__dict__[names["model_class"]]
     config_class.__module__ = model_class.__module__ = "modelio.pruned"
-    AutoConfig.register(f"pruned_{base_type}", config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    # folders saved before 2026-12-06 name the type pruned_<base>: they load through these subclasses
+    legacy_config = type(config_class.__name__, (config_class,), {"model_type": f"pruned_{base_type}"})
+    legacy_model = type(model_class.__name__, (model_class,), {"config_class": legacy_config})
+    AutoConfig.register(f"pruned_{base_type}", legacy_config, exist_ok=True)
+    AutoModelForCausalLM.register(legacy_config, legacy_model, exist_ok=True)
     _REGISTERED[base_type] = (config_class, model_class)
+    _LEGACY[base_type] = (legacy_config, legacy_model)
     return config_class, model_class
+
+
+def saved_classes(config: dict) -> tuple[type, type] | None:
+    """(config class, model class) that load a saved folder whose ``config.json`` is ``config``: None for a plain
+    folder, the pruned classes of its base type for a heterogeneous one (``pruned_linear_shapes`` recorded)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or "pruned_linear_shapes" not in config:
+        return None
+    base_type = model_type.removeprefix("pruned_")
+    if base_type not in CONFIG_MAPPING or base_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    classes = pruned_classes(base_type)
+    return _LEGACY[base_type] if model_type.startswith("pruned_") else classes
+
+
+_LEGACY: dict[str, tuple[type, type]] = {}
 
 
 def register_all() -> None:

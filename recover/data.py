@@ -49,7 +49,11 @@ def load_records(data_path: str | os.PathLike, limit: int | None = None, seed: i
     source only."""
     path = Path(data_path).expanduser()
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise NotAlpacaData(f"{path} is not UTF-8 text (a binary file?): pass an Alpaca-format .json file "
+                                "saved as UTF-8") from None
         try:
             records = json.loads(text)
         except json.JSONDecodeError:

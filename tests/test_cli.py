@@ -217,7 +217,8 @@ def test_lorap_table_says_what_a_dash_means_and_how_to_load(tiny_folder, tmp_pat
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "q/k/v/o rank" in printed and hf_prune.RANK_LEGEND in printed
-    assert json.loads((out / "config.json").read_text())["model_type"] == "pruned_llama"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "llama" and "auto_map" in saved
     assert f"AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)" in printed
     from transformers import AutoTokenizer
 

@@ -128,7 +128,8 @@ def test_a_recovered_folder_loads_with_from_pretrained(tokenizer, tmp_path, ids)
     peft_model, _ = train_lora(model, tokenizer, RECORDS, _short(), tmp_path)
     plain = merged(peft_model)
     folder = save_model(plain, tokenizer, tmp_path / "recovered")
-    assert json.loads((folder / "config.json").read_text())["model_type"] == "pruned_llama"
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "llama" and "auto_map" in saved
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as weights:

@@ -338,3 +338,12 @@ def test_a_cutoff_beyond_the_context_is_refused_from_the_config(trained, tmp_pat
     at_limit = post_training.build_parser().parse_args([*flags, "--output_dir", str(tmp_path / "ok"),
                                                         "--cutoff_len", str(limit)])
     assert post_training.check(at_limit).records == RECORDS
+
+
+def test_binary_instruction_data_names_the_file(tmp_path):
+    from recover.data import NotAlpacaData, load_records
+
+    path = tmp_path / "alpaca.json"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(NotAlpacaData, match="alpaca.json is not UTF-8 text"):
+        load_records(path)

@@ -117,7 +117,7 @@ def test_uniform_saves_have_no_code(saved):
     config = json.loads((root / "hidden" / "config.json").read_text())
     assert config["hidden_size"] == COMMON["hidden_size"] - 6
     odd = json.loads((root / "hidden_odd" / "config.json").read_text())
-    assert odd["model_type"] == "pruned_llama" and odd["hidden_size"] == COMMON["hidden_size"] - 3
+    assert odd["model_type"] == "llama" and "auto_map" in odd and odd["hidden_size"] == COMMON["hidden_size"] - 3
     assert not list(root.glob("*.safetensors*")) and not list(root.rglob("*.bin"))
 
 
@@ -196,3 +196,46 @@ def test_write_failures_are_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UnsafeSaveError, match="No space left on device") as caught:
         save_model(model, None, tmp_path / "out")
     assert ".partial" not in str(caught.value) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def _heterogeneous_with_tokenizer(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    from tests.test_cli import byte_llama
+
+    model, tokenizer = byte_llama()
+    graph = DependencyGraph.build(model)
+    graph.apply(Plan(remove={graph.in_layer(0, "heads").name: [1, 3]}))
+    return save_model(model, tokenizer, tmp_path / "pruned"), model
+
+
+def test_plain_transformers_loads_the_tokenizer_without_a_prompt_and_the_model_without_a_warning(tmp_path):
+    """In a fresh process without this project and with standard input closed: AutoTokenizer needs no remote
+    code (no "run the custom code?" prompt), and the model loads with trust_remote_code=True, no model-type
+    warning, and the same logits."""
+    folder, model = _heterogeneous_with_tokenizer(tmp_path)
+    ids = torch.tensor([[3, 14, 15, 9, 26]])
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})
+        assert tokenizer("abc")["input_ids"]
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        torch.save(model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-3000:]
+    assert "custom code" not in printed and "You are using a model of type" not in printed, printed[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), model(input_ids=ids).logits)
+
+
+def test_a_folder_saved_under_the_old_pruned_type_still_loads(tmp_path):
+    folder, model = _heterogeneous_with_tokenizer(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "pruned_llama"  # how folders were saved before 2026-12-06
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = torch.tensor([[3, 14, 15, 9, 26]])
+    loaded = load_model(folder)
+    assert type(loaded).__name__ == "PrunedLlamaForCausalLM"
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
