@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from corpora import zeroshot_file
-from corpora.sources import ZEROSHOT_TASKS
+from corpora.sources import ZEROSHOT_TASKS, read_json
 
 DEFAULT_TASKS: tuple[str, ...] = tuple(ZEROSHOT_TASKS)
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -73,11 +73,13 @@ def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
 def task_config(task: str, data_dir: str | os.PathLike | None = None, num_fewshot: int = 0) -> dict:
     """The lm-eval config dict of a local task, with its data file filled in.
 
-    Raises ``corpora.DataNotFoundError`` (a one-line message naming the fix) if the jsonl is missing.
+    Raises ``corpora.DataNotFoundError`` (a one-line message naming the fix) if the jsonl is missing, and
+    ``corpora.DataFormatError`` naming the file if it is not UTF-8 JSON lines.
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
     data_file = zeroshot_file(task, data_dir=data_dir)
+    read_json(Path(data_file), lines=True)  # a binary or broken file names itself here, not deep inside lm-eval
     config = load_yaml(TASKS_DIR / f"{local_task_name(task)}.yaml", resolve_func=True)
     config["dataset_kwargs"] = {"data_files": {"validation": str(data_file)}}
     config["num_fewshot"] = num_fewshot

@@ -129,6 +129,16 @@ def test_missing_file_names_the_fix(data_dir):
         task_config("boolq", data_dir=data_dir)
 
 
+def test_a_binary_task_file_names_itself(tmp_path):
+    from corpora import DataFormatError
+
+    (tmp_path / "zeroshot").mkdir()
+    path = tmp_path / "zeroshot" / "boolq.validation.jsonl"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataFormatError, match="boolq.validation.jsonl is not UTF-8 text"):
+        task_config("boolq", data_dir=tmp_path)
+
+
 def test_parse_tasks():
     assert parse_tasks("all") == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
     assert parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
