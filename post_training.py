@@ -183,13 +183,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(model, tokenizer, checked: Checked | list[dict], args: argparse.Namespace) -> None:
-    """Measure, train, merge, factorize again, measure, save. ``checked``: what ``check`` returned (or bare
-    records, tokenized and resolved here)."""
-    if not isinstance(checked, Checked):
-        settings = lora_settings(args)
-        resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, settings.resume_weights_only)
-        checked = Checked(checked, tokenized_splits(checked, tokenizer, settings), resume)
+def run(model, tokenizer, checked: Checked, args: argparse.Namespace) -> None:
+    """Measure, train, merge, factorize again, measure, save: ``checked`` is what ``check`` returned."""
     records = checked.records
     main_process = is_main_process()
     output = Path(args.output_dir).expanduser()

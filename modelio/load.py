@@ -116,6 +116,22 @@ def _hub_error(name: str, error: Exception) -> ModelNotFoundError:
     )
 
 
+# Config attributes that give the longest context a model was built for, by family (LLaMA-like, GPT-2, others).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_limit(config) -> tuple[str, int] | None:
+    """(attribute, value): the longest context a config (the object or its dict; a multimodal config's
+    ``text_config`` after its own fields) says the model was built for; None where it does not say."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for attribute in POSITION_LIMITS:
+        value = get(attribute)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return attribute, value
+    text = get("text_config")
+    return context_limit(text) if text else None
+
+
 def _saved_config(folder: Path) -> dict:
     """``config.json`` of a local folder as a dict ({} where there is none or it does not parse: transformers
     reports a broken config itself)."""

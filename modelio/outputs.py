@@ -124,7 +124,10 @@ def handle_leftovers(target: Path, overwrite: bool, log: Callable[[str], None]) 
     names = ", ".join(p.name for p in found)
     if overwrite:
         for path in found:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         log(f"removed {len(found)} leftover(s) of an interrupted earlier save beside {target} ({mib:.1f} MiB): {names}")
     else:
         log(f"note: {len(found)} leftover(s) of an interrupted earlier save lie beside {target} ({mib:.1f} MiB): "
@@ -183,18 +186,11 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike 
     return targets
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder``, then the folder entries, to the disk (survives a power loss too)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (so it survives a power loss, not only a kill);
+    a file system that refuses is left as it is."""
     try:
-        handle = os.open(folder, os.O_RDONLY)
+        handle = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -203,6 +199,14 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(handle)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder``, then the folder entries."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fsync(path)
+    fsync(folder)
 
 
 _RENAME_EXCHANGE = 2
@@ -238,17 +242,17 @@ def publish(staging: Path, target: Path) -> None:
     _fsync_tree(staging)
     if target.is_dir() and not target.is_symlink():
         if exchange(staging, target):
-            _fsync_dir(target.parent)
+            fsync(target.parent)
             shutil.rmtree(staging, ignore_errors=True)
             return
         aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}old-", dir=target.parent))
         os.replace(target, aside)
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync(target.parent)
         shutil.rmtree(aside, ignore_errors=True)
         return
     os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync(target.parent)
 
 
 def _umask() -> int:
@@ -293,11 +297,10 @@ def replace_file(target: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        fsync(temporary)
         temporary.chmod(0o666 & ~_umask())
         os.replace(temporary, target)
-        _fsync_dir(target.parent)
+        fsync(target.parent)
     finally:
         temporary.unlink(missing_ok=True)
 

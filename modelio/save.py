@@ -14,8 +14,7 @@ from depgraph.architectures import NORM_EPSILON_ATTRIBUTES
 import depgraph.value_attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
-from modelio.outputs import (Output, UnsafeSaveError, check_outputs, check_writable, overlaps,  # noqa: F401
-                             replace_folder)
+from modelio.outputs import Output, UnsafeSaveError, check_outputs, replace_folder
 from modelio.pruned import pruned_classes, render_sources
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Plan, rule_for
 from depgraph.apply import check_value_forward, refuse_inexact
+from modelio.load import context_limit
 from pruners.allocation import FixedHeads
 from pruners.engine import Method
 from pruners.method_options import BlockOptions, sublayer_selection
@@ -83,23 +84,10 @@ def check_budget(model: nn.Module, settings: PruneSettings, composition: Composi
                              f"raise --pruning_ratio to at least {math.ceil(heads / before * 100) / 100:.2f}")
 
 
-# Config attributes that give the longest context a model was built for, by family (LLaMA-like, GPT-2, others).
-POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-
-
-def position_limit(config) -> tuple[str, int] | None:
-    """(attribute, value): the longest context the config was built for, where it says."""
-    for attribute in POSITION_LIMITS:
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return attribute, value
-    return None
-
-
 def check_seq_len(model: nn.Module, settings: PruneSettings) -> None:
     """--seq_len (calibration and evaluation windows) within the positions the model was built for: beyond
     them, rotary models silently extrapolate and learned position tables fail with an index error."""
-    limit = position_limit(getattr(model, "config", None))
+    limit = context_limit(getattr(model, "config", None))
     if limit and settings.seq_len > limit[1]:
         attribute, value = limit
         raise ValueError(f"--seq_len {settings.seq_len} exceeds this model's {attribute} {value} (the longest "

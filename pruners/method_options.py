@@ -308,32 +308,42 @@ class MagSpOptions(RemovalOptions):
 
 
 @dataclass(frozen=True)
-class LorapOptions(LossAllocationOptions):
+class FactorizingOptions(LossAllocationOptions):
+    """What the methods that factorize projections (LoRAP, SVD-LLM) share: every sub-layer selected, how a
+    factorized sub-layer's ranks are shared, what the q/k factorization minimizes, whether the factors stay."""
+
+    sublayer: str = option("self_attn,mlp", "sub-layers to compress: mlp, self_attn or self_attn,mlp",
+                           block_only=True)
+    rank_allocation: str = option("para", "how a factorized sub-layer's ranks are shared among its projections: "
+                                          "para (LoRAP: in the ratio --para_allocate; SVD-LLM: every matrix the same "
+                                          "fraction) or truncation (per matrix from the whitened truncation loss, "
+                                          "SVD-LLM V2)", choices=RANK_ALLOCATIONS, on_cli=False)
+    attention_metric: str = option("outputs", "what the factorization of q_proj and k_proj minimizes: their output "
+                                              "error (outputs), or the error on the attention logits (logits; LoRAP "
+                                              "needs --deco_method SVDLLM)", choices=ATTENTION_METRICS, on_cli=False)
+    real_com: bool = option(True, "True keeps the two factors (smaller model), False the dense product")
+
+    def estimator(self, settings: PruneSettings) -> Estimator:
+        return Uniform()  # nothing is ranked: the allocator and the factorization decide
+
+
+@dataclass(frozen=True)
+class LorapOptions(FactorizingOptions):
     NAME: ClassVar[str] = "lorap"
     DESCRIPTION: ClassVar[str] = ("LoRAP: attention by activation-weighted SVD (--deco_method), MLP channels by "
                                   "activation")
 
-    sublayer: str = option("self_attn,mlp", "sub-layers to compress: mlp, self_attn or self_attn,mlp",
-                           block_only=True)
     deco_method: str = option("AWSVD", "attention factorization (SVDLLM: whitened, truncation-aware)",
                               choices=DECOMPOSITIONS)
-    rank_allocation: str = option("para", "how a factorized sub-layer's ranks are shared among its projections: "
-                                          "para (in the ratio --para_allocate) or truncation (per matrix from the "
-                                          "whitened truncation loss, SVD-LLM V2)", choices=RANK_ALLOCATIONS,
-                                  on_cli=False)
     para_allocate: float = option(3.0, "rank of v/o relative to q/k",
                                   when=(lambda o: o.rank_allocation == "para", "with --rank_allocation para"))
     truncation_weight: float = option(3.0, "the weight of v/o's truncation loss against q/k's",
                                       when=(lambda o: o.rank_allocation == "truncation",
                                             "with rank_allocation truncation"), on_cli=False)
-    attention_metric: str = option("outputs", "what the factorization of q_proj and k_proj minimizes: their output "
-                                              "error (outputs), or the error on the attention logits (logits; needs "
-                                              "--deco_method SVDLLM)", choices=ATTENTION_METRICS, on_cli=False)
     mlp_compress_method: str = option("prune", "prune MLP channels or factorize the MLP",
                                       choices=MLP_COMPRESS_METHODS)
     mlp_metric: str = option("wanda_sp", "MLP channel importance when pruning", choices=ACTIVATION_METRICS,
                              cli_choices=tuple(m for m in ACTIVATION_METRICS if m != "obs"))
-    real_com: bool = option(True, "True keeps the two factors (smaller model), False the dense product")
     round_to: int = option(1, "keep MLP widths multiples of this")
     refit: bool = option(False, "refit down_proj by least squares on the kept channels")
 
@@ -350,9 +360,6 @@ class LorapOptions(LossAllocationOptions):
     def select(self, graph: DependencyGraph, selection: dict[str, list[int]]) -> list[Space]:
         """The MLP channels of the selected layers (LoRAP's attention is factorized)."""
         return [graph.in_layer(index, "channels") for index in selection["mlp"]]
-
-    def estimator(self, settings: PruneSettings) -> Estimator:
-        return Uniform()
 
     def allocator(self) -> Allocator:
         """The shared fraction (ranks differentiated by --para_allocate), or per-sub-layer fractions from
@@ -398,24 +405,10 @@ class FlatLLMOptions(BlockOptions):
 
 
 @dataclass(frozen=True)
-class SVDLLMOptions(LossAllocationOptions):
+class SVDLLMOptions(FactorizingOptions):
     NAME: ClassVar[str] = "svd_llm"
     DESCRIPTION: ClassVar[str] = ("SVD-LLM: truncation-aware whitened SVD of every attention and MLP projection, each "
                                   "keeping the same fraction")
-
-    sublayer: str = option("self_attn,mlp", "sub-layers to compress: mlp, self_attn or self_attn,mlp",
-                           block_only=True)
-    rank_allocation: str = option("para", "how a factorized sub-layer's ranks are shared among its projections: "
-                                          "para (every matrix the same fraction) or truncation (per matrix from the "
-                                          "whitened truncation loss, SVD-LLM V2)", choices=RANK_ALLOCATIONS,
-                                  on_cli=False)
-    attention_metric: str = option("outputs", "what the factorization of q_proj and k_proj minimizes: their output "
-                                              "error (outputs), or the error on the attention logits (logits)",
-                                   choices=ATTENTION_METRICS, on_cli=False)
-    real_com: bool = option(True, "True keeps the two factors (smaller model), False the dense product")
-
-    def estimator(self, settings: PruneSettings) -> Estimator:
-        return Uniform()
 
     def allocator(self) -> Allocator:
         """Every matrix keeps the same fraction of its parameters, or (--allocation loss) every sub-layer its own."""

@@ -8,6 +8,8 @@ import numbers
 import os
 from pathlib import Path
 
+from corpora.sources import DataFormatError, read_text
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -50,10 +52,9 @@ def load_records(data_path: str | os.PathLike, limit: int | None = None, seed: i
     path = Path(data_path).expanduser()
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NotAlpacaData(f"{path} is not UTF-8 text (a binary file?): pass an Alpaca-format .json file "
-                                "saved as UTF-8") from None
+            text = read_text(path)
+        except DataFormatError as error:  # not UTF-8: the message names the file
+            raise NotAlpacaData(str(error)) from None
         try:
             records = json.loads(text)
         except json.JSONDecodeError:

@@ -15,6 +15,8 @@ from torch import nn
 
 from depgraph import rule_for
 from modelio import LowRankLinear
+from modelio.load import context_limit
+from modelio.outputs import fsync, write_text_atomically
 from recover.data import IGNORE_INDEX, split, tokenize
 
 CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/checkpoint-N, as the Trainer names them
@@ -102,22 +104,13 @@ def with_lora(model: nn.Module, settings: LoraSettings):
     return get_peft_model(model, config)
 
 
-def context_limit(config: dict) -> int | None:
-    """The longest sequence a model config says it handles (None: the config does not say)."""
-    for source in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = source.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
 def check_context(cutoff_len: int, config: dict, where: str = "the model's config") -> None:
     """Refuse a --cutoff_len beyond the model's context: positions past it were never trained."""
     limit = context_limit(config)
-    if limit is not None and cutoff_len > limit:
-        raise ValueError(f"--cutoff_len {cutoff_len} is beyond the model's context of {limit} tokens "
-                         f"(max_position_embeddings in {where}): pass --cutoff_len {limit} or less")
+    if limit is not None and cutoff_len > limit[1]:
+        attribute, value = limit
+        raise ValueError(f"--cutoff_len {cutoff_len} is beyond the model's context of {value} tokens "
+                         f"({attribute} in {where}): pass --cutoff_len {value} or less")
 
 
 def _learnable(rows: list[dict]) -> list[dict]:
@@ -170,34 +163,15 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(((step, path) for step, path in found if step is not None), reverse=True)
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some filesystems refuse fsync on folders
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def mark_complete(folder: Path) -> None:
     """Write ``folder``'s completion marker: the name and size of every file in it, flushed to disk before the
     marker is renamed into place, so a folder with a marker is whole whatever instant the process died at."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.name.startswith((COMPLETE_MARKER, f".{COMPLETE_MARKER}")):
-            _fsync(path)
+            fsync(path)
             files[path.relative_to(folder).as_posix()] = path.stat().st_size
-    temporary = folder / f".{COMPLETE_MARKER}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump({"files": files}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / COMPLETE_MARKER)
-    _fsync(folder, directory=True)
+    write_text_atomically(folder / COMPLETE_MARKER, json.dumps({"files": files}))
 
 
 def unmark(folder: Path) -> None:
@@ -205,7 +179,7 @@ def unmark(folder: Path) -> None:
     marker = folder / COMPLETE_MARKER
     if marker.exists():
         marker.unlink()
-        _fsync(folder, directory=True)
+        fsync(folder)
 
 
 def incomplete_reason(folder: Path, ignore: tuple[str, ...] = ()) -> str | None:
