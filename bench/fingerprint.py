@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import COMMON, TINY_CONFIGS, tiny_model  # noqa: E402
+from modelio.outputs import write_text_atomically  # noqa: E402
 
 FILE = ROOT / "tests" / "data" / "fingerprints.json"
 RATIOS = (0.1, 0.3)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = differences(stored, json.loads(json.dumps(found)))
         print("\n".join(problems[:50]) or "identical")
         return 1 if problems else 0
-    FILE.write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
+    write_text_atomically(FILE, json.dumps(found, indent=0, sort_keys=True) + "\n")
     print(f"wrote {FILE} ({len(found)} runs)")
     return 0
 

@@ -16,7 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from methods import latest_rows  # bench/methods.py, beside this script
+from methods import latest_rows  # bench/methods.py, beside this script (it puts the project on the path)
+from modelio.outputs import replace_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "methods.jsonl"
@@ -144,8 +145,8 @@ def plot(rows: list[dict], peers: dict, dense: tuple[float, float] | None, outpu
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right", title="WT2 / zero-shot mean", title_fontsize=8)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    with replace_file(output) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
     return output
 
@@ -206,8 +207,8 @@ def plot_by_ratio(rows: list[dict], peers: dict, dense: tuple[float, float] | No
                  "the peers' own code (crosses)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    with replace_file(output) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
     return output
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from methods import latest_rows  # noqa: E402  (bench/methods.py, beside this script)
+from methods import latest_rows  # noqa: E402  (bench/methods.py, beside this script; it puts the project on the path)
+from modelio.outputs import write_text_atomically  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET = ROOT / "docs" / "results.md"
@@ -111,10 +112,10 @@ def main() -> None:
             print(f"skipped <!-- {name} -->: {path} is not there yet")
             continue
         text = replace(text, name, path.read_text().strip(), TARGET)
-    TARGET.write_text(text)
+    write_text_atomically(TARGET, text)
     print(f"wrote {TARGET.relative_to(ROOT)}")
     if (RESULTS / "methods.jsonl").exists():
-        README.write_text(replace(README.read_text(), "summary", summary_table(), README))
+        write_text_atomically(README, replace(README.read_text(), "summary", summary_table(), README))
         print(f"wrote {README.relative_to(ROOT)} (summary table)")
 
 
