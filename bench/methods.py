@@ -147,6 +147,12 @@ RUNS: dict[str, dict] = {
     "lorap-SVDLLM-compressed-refit-loss-512-w32-heldout": {
         "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed", "allocation": "loss",
         "nsamples": 512, "loss_windows": 32, "loss_levels": (0.125, 0.25, 0.5), "loss_heldout": True},
+    # the loss curves from second-order (Fisher) probes: each probe re-runs its own layer only (--loss_probe fisher)
+    **{f"lorap-SVDLLM-compressed-refit-loss-512-fisher{windows}" + (f"-s{samples}" if samples > 1 else ""): {
+        "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed",
+        "allocation": "loss", "nsamples": 512, "loss_windows": windows, "loss_levels": (0.125, 0.25, 0.5),
+        "loss_probe": "fisher", "loss_samples": samples} for windows, samples in ((16, 1), (64, 1), (64, 4), (128, 1),
+                                                                                    (256, 1), (128, 4))},
 }
 RATIOS = (0.2, 0.5)
 

@@ -25,7 +25,7 @@ DENSE = ROOT / "bench" / "results" / "dense_smollm2.json"
 OUTPUT = ROOT / "docs" / "methods_smollm2.png"
 BY_RATIO = ROOT / "docs" / "ppl_vs_removed.png"
 PEERS = ROOT / "bench" / "results" / "peers.json"
-DEFAULT_RUN = "lorap-SVDLLM-compressed-refit-loss-512-w64"  # `--prune_method whitened_lorap`, the same record
+DEFAULT_RUN = "lorap-SVDLLM-compressed-refit-512"  # `--prune_method whitened_lorap` since 2026-12-06, the same record
 RATIO = 0.2
 MAX_RATIO = 0.35  # the plot against ratio covers the light budgets (the 50% rows sit far above)
 FAMILY_COLORS = {"llm_pruner": "tab:blue", "flap": "tab:orange", "wanda_sp": "tab:green", "mag_sp": "tab:gray",
@@ -106,8 +106,10 @@ def plot(rows: list[dict], peers: dict, dense: tuple[float, float] | None, outpu
         raise SystemExit("no zero-shot mean for the default yet: run python bench/methods.py --zeroshot_limit 200")
     xmax = 260.0
     best = best_by_family(rows, keep=lambda r: "zeroshot_mean" in r)
-    shown = {k: v for k, v in best.items() if v["ppl_wikitext2"] <= xmax and k != "lorap"}
-    left_out = sorted(v["run"] for k, v in best.items() if k not in shown and k != "lorap")
+    # the default's own family only where another of its rows beats it (since 2026-12-06: --allocation loss)
+    same = {k for k, v in best.items() if k == family(DEFAULT_RUN) and v["ppl_wikitext2"] >= default["ppl_wikitext2"]}
+    shown = {k: v for k, v in best.items() if v["ppl_wikitext2"] <= xmax and k not in same}
+    left_out = sorted(v["run"] for k, v in best.items() if k not in shown and k not in same)
     fig, ax = plt.subplots(figsize=(9.5, 6))
     ax.scatter(default["ppl_wikitext2"], default["zeroshot_mean"], marker="*", s=380, color="tab:red",
                edgecolor="black", zorder=5,
@@ -169,14 +171,15 @@ def plot_by_ratio(rows: list[dict], peers: dict, dense: tuple[float, float] | No
     for name, best in sorted(chosen.items(), key=lambda item: item[1]["ppl_wikitext2"]):
         points = sorted((r["achieved_ratio"], r["ppl_wikitext2"]) for r in rows if r["run"] == best["run"])
         label = best["run"]
-        if name == "lorap":
-            label = f"{best['run']} (whitened_lorap, loss curves on 16 windows)"
+        if name == "lorap" and best["settings"].get("allocation") == "loss":
+            windows = best["settings"].get("loss_windows", 16)
+            label = f"{best['run']} (whitened_lorap --allocation loss, curves on {windows} windows)"
         ax.plot(*zip(*points), marker=FAMILY_MARKERS.get(name, "o"), markersize=6, linewidth=1.6,
                 color=FAMILY_COLORS.get(name, "black"), label=label, zorder=3)
     default = next((r for r in rows if r["run"] == DEFAULT_RUN and r["ratio"] == RATIO), None)
     if default:
         ax.scatter(default["achieved_ratio"], default["ppl_wikitext2"], marker="*", s=400, color="tab:red",
-                   edgecolor="black", zorder=6, label=f"default whitened_lorap (64 windows): {default['ppl_wikitext2']:.2f}")
+                   edgecolor="black", zorder=6, label=f"default whitened_lorap: {default['ppl_wikitext2']:.2f}")
         ax.annotate("default", (default["achieved_ratio"], default["ppl_wikitext2"]), xytext=(0.165, 88),
                     fontsize=9, fontweight="bold", arrowprops=dict(arrowstyle="-", color="black", linewidth=0.8))
     peer_rows = peers.get("rows", [])

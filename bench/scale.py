@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -41,14 +42,19 @@ SHAPES = {
 RUNS = {
     "flap": ["--prune_method", "flap"],
     "taylor": ["--prune_method", "llm_pruner", "--pruner_type", "taylor"],
-    # the default whitened_lorap since 2026-12-02, with LoRAP's shared fraction: its loss curves are refused
-    # under --low_memory
-    "default": ["--allocation", "method"],
+    # the default whitened_lorap, its own allocation (LoRAP's shared fraction) since 2026-12-06; until then it was
+    # "--allocation loss" with rerun probes, which --low_memory refuses
+    "default": [],
+    # the default with the measured-loss allocation from Fisher probes (linear in depth, bounded by --low_memory)
+    "default-fisher": ["--allocation", "loss", "--loss_probe", "fisher"],
     "lorap": ["--prune_method", "lorap"],  # the default until 2026-12-02
     # the best candidate on held-out calibration text (bench/select_default.py): least-squares refits at scale
     "flap-refit": ["--prune_method", "flap", "--structure", "AL-AM", "--sublayer", "self_attn,mlp", "--refit", "True"],
 }
-READS_NSAMPLES = ("flap", "default", "lorap", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
+READS_NSAMPLES = ("flap", "default", "default-fisher", "lorap", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
+# where the time goes, from the lines hf_prune.py prints: the whole compression, and its loss curves within it
+PHASES = {"compression": re.compile(r"removed .* in ([0-9.]+)s$"),
+          "loss_curves": re.compile(r"loss curves of .* measured in ([0-9.]+)s")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SHARD_BYTES = 1 << 30
 
@@ -123,13 +129,22 @@ def run_one(model: Path, name: str, out: Path, extra: list[str]) -> dict:
                "--save_model", str(out), "--overwrite", *RUNS[name], *extra]
     print(" ".join(command), flush=True)
     start = time.perf_counter()
-    child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+                             stdout=subprocess.PIPE, text=True)
+    phases = {}
+    for line in child.stdout:  # shown as it comes; the compression's and the loss curves' seconds kept
+        print(line, end="", flush=True)
+        for phase, pattern in PHASES.items():
+            found = pattern.search(line)
+            if found:
+                phases[phase] = float(found.group(1))
     _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child's so far
     child.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if child.returncode:
         raise SystemExit(f"{name} failed with exit code {child.returncode}")
-    return {"run": name, "seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024, "extra": extra}
+    return {"run": name, "seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024, "extra": extra,
+            "phases": phases}
 
 
 def run(model: Path, shape: str, names: list[str], extra: list[str], out: Path, nsamples: int | None = None
@@ -150,6 +165,13 @@ def run(model: Path, shape: str, names: list[str], extra: list[str], out: Path, 
     return rows
 
 
+def _phases(phases: dict) -> str:
+    if "compression" not in phases:
+        return "–"
+    curves = f" ({phases['loss_curves'] / 60:.1f})" if "loss_curves" in phases else ""
+    return f"{phases['compression'] / 60:.1f}{curves}"
+
+
 def table() -> str:
     rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
     latest = {(row["shape"], row["run"], tuple(row["extra"])): row for row in rows}
@@ -158,15 +180,16 @@ def table() -> str:
              "with `hf_prune.py --dtype bfloat16 --low_memory`, saved, in a fresh process each; peak RSS is that "
              "process's high-water mark (`ru_maxrss`: anonymous and memory-mapped pages), wall time includes loading, "
              "the trace and the save. 7b: hidden 4096, 32 layers, 32 heads, MLP 11008; 1b: TinyLlama-1.1B's widths; "
-             "both with SmolLM2's 49,152-token vocabulary, untied. `python bench/scale.py run ...` writes the rows, "
-             "`--table` this table.")
+             "both with SmolLM2's 49,152-token vocabulary, untied. Where the time goes: the compression's minutes "
+             "and, in brackets, those of its loss curves, from the lines `hf_prune.py` prints (rows from before "
+             "2026-12-06 did not record them). `python bench/scale.py run ...` writes the rows, `--table` this table.")
     lines = [intro, "", "| shape | run | flags | bf16 weights (GiB) | peak RSS (GiB) | peak / weights | saved (GiB) | wall (min) |"
-             " machine, date |", "|---|---|---|---|---|---|---|---|---|"]
+             " of it: compression (loss curves) | machine, date |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in latest.values():
         lines.append(f"| {row['shape']} | {row['run']} | {' '.join(row['extra']) or '–'} | "
                      f"{row['weights_bytes'] / gib:.2f} | {row['peak_rss_bytes'] / gib:.2f} | "
                      f"{row['peak_over_weights']:.2f} | {row['saved_bytes'] / gib:.2f} | {row['seconds'] / 60:.1f} | "
-                     f"{row['machine']}, {row['date']} |")
+                     f"{_phases(row.get('phases', {}))} | {row['machine']}, {row['date']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,12 +23,14 @@ RESULTS = ROOT / "bench" / "results"
 TARGET = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
 SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.md", "scale": "scale.md",
-            "selection": "selection.md", "attempts": "attempts.md", "attention_metric": "attention_metric.md"}
+            "selection": "selection.md", "attempts": "attempts.md", "attention_metric": "attention_metric.md",
+            "probes": "probes.md"}
 
 # The README's table: (run in methods.jsonl, what a user types after `python hf_prune.py --pruning_ratio 0.2`,
 # the peer in peers.json it compares with, or None). At most 8 rows.
 SUMMARY = [
-    ("lorap-SVDLLM-compressed-refit-loss-512-w64", "`whitened_lorap` (the default)", "LoRAP (AWSVD + pruned MLP)"),
+    ("lorap-SVDLLM-compressed-refit-512", "`whitened_lorap` (the default)", "LoRAP (AWSVD + pruned MLP)"),
+    ("lorap-SVDLLM-compressed-refit-loss-512-w64", "`whitened_lorap --allocation loss`", "LoRAP (AWSVD + pruned MLP)"),
     ("llm_pruner-param_first-refit-512", "`llm_pruner --refit True --nsamples 512` ¹",
      "LLM-Pruner (Taylor param_first, MLP, layers 4-29)"),
     ("flap_refit", "`flap_refit`", "FLAP (WIFV, AL-AM, bias compensation)"),
@@ -93,7 +95,8 @@ def summary_table() -> str:
     ]
     if shared:
         notes[-1] += (" ² the run shared its two cores with other jobs (CPU/wall below 1.5): an upper bound; the"
-                      " default takes about 45 minutes on a quiet machine.")
+                      " cost column of the selection table (docs/results.md) has each candidate's time measured"
+                      " alone (`--allocation loss`: 2,679 s).")
     return "\n".join(lines + notes)
 
 

@@ -20,7 +20,12 @@ divergence from the dense distribution is positive and far steadier.
 """
 from __future__ import annotations
 
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,12 +40,13 @@ from pruners.compensation import removed_input_columns
 from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
-from pruners.pipeline import capture_layer_inputs, hidden_of, progress, run_layer
-from pruners.interfaces import Allocator
+from pruners.pipeline import LayerPipeline, _with_hidden, capture_layer_inputs, hidden_of, progress, run_layer
+from pruners.interfaces import Allocator, LayerStep
 from pruners.refit import refit_linear
 from pruners.statistics import InputStatistics, collect_input_statistics
 
 ALLOCATIONS = ("method", "loss")  # the method's own rule, or measured loss curves
+PROBES = ("rerun", "fisher")  # how a probe's cost is measured: every later layer again, or second order
 LEVELS = (0.25, 0.5)
 CAP = 0.6
 STEP = 0.025
@@ -98,6 +104,189 @@ class Divergence:
             cross = (normed.float() * dense_weight).sum(-1) + (0.0 if dense_bias is None else dense_bias)
             total += (torch.logsumexp(self.output(normed).float(), -1) - cross).double().sum().item()
         return max(total / self.tokens, 0.0)
+
+
+class ActivationStore:
+    """Tensors by key, in memory, or (with ``folder``) each in its own safetensors file there, read back on
+    demand: what ``--low_memory`` needs to keep a whole model's layer inputs or gradients off the heap."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder, self.held = folder, {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        if self.folder is None:
+            self.held[key] = tensor
+        else:
+            from safetensors.torch import save_file
+
+            save_file({"t": tensor.contiguous().cpu()}, f"{self.folder}/{key}.safetensors")
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.folder is None:
+            return self.held[key]
+        from safetensors.torch import load_file
+
+        return load_file(f"{self.folder}/{key}.safetensors")["t"]
+
+    def drop(self, key: str) -> None:
+        if self.folder is None:
+            self.held.pop(key, None)
+        else:
+            Path(f"{self.folder}/{key}.safetensors").unlink(missing_ok=True)
+
+
+class FisherGradients:
+    """d log p(y) / d h_l at every decoder layer's output h_l, each position's next token y drawn from the dense
+    model's own distribution (``samples`` draws): around the dense model, the KL's Hessian in h_l is the Fisher
+    E_y[g g^T], so a change delta of h_l costs about 0.5 * E_y[(g . delta)^2] nats (``fisher_cost``).
+
+    One forward and one backward over ``windows``, layer by layer: the forward keeps every layer's inputs (in
+    an ``ActivationStore``), the backward runs each layer again with gradients for its inputs only (none for
+    its weights), from the last layer down, so one layer's activations are alive at a time; with ``device``
+    each layer moves there for its turn, and ``release_pages`` hands a layer's weights back after each turn."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int = 8,
+                 samples: int = 1, seed: int = 0, device: torch.device | str | None = None,
+                 folder: str | None = None, release_pages: bool = False):
+        from depgraph.architectures import rule_for
+        from modelio.memory import module_extents, release
+
+        self.samples, self.store = samples, ActivationStore(folder)
+        place = _Placement(device)
+        inputs = place.inputs(capture_layer_inputs(model, layers, windows, batch_size))
+        self.context = [_with_hidden(args, kwargs, None) for args, kwargs in inputs]  # masks, positions
+        for index, layer in enumerate(progress(layers, "Fisher (forward)")):
+            used = module_extents(layer) if release_pages else []
+            self._put_hidden(f"input.{index}", inputs)
+            with place(layer):
+                inputs = run_layer(layer, inputs)
+            release(used)
+        norm, output = model.get_submodule(rule_for(model).final_norm), model.get_output_embeddings()
+        generator = torch.Generator().manual_seed(seed)
+        with place(norm), place(output):
+            grads = [[self._head_gradient(lambda hidden: output(norm(hidden)), hidden_of(*each), generator)
+                      for each in inputs] for _ in range(samples)]
+        del inputs
+        for index in progress(reversed(range(len(layers))), "Fisher (backward)", total=len(layers)):
+            for sample, per_batch in enumerate(grads):
+                for batch, grad in enumerate(per_batch):
+                    self.store.put(f"grad.{index}.{sample}.{batch}", grad.to(torch.bfloat16))
+            if index:
+                used = module_extents(layers[index]) if release_pages else []
+                hidden = [self.store.get(f"input.{index}.{batch}") for batch in range(len(self.context))]
+                with place(layers[index]) as layer:
+                    grads = [self._layer_gradient(layer, self.context, hidden, per_batch, place)
+                             for per_batch in grads]
+                release(used)
+            for batch in range(len(self.context)):
+                self.store.drop(f"input.{index}.{batch}")
+
+    def _put_hidden(self, prefix: str, inputs: list[tuple[tuple, dict]]) -> None:
+        for batch, (args, kwargs) in enumerate(inputs):
+            self.store.put(f"{prefix}.{batch}", hidden_of(args, kwargs))
+
+    @staticmethod
+    def _head_gradient(head, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_(True)
+            log_p = torch.log_softmax(head(hidden).float(), -1)
+            log_p = log_p.reshape(-1, log_p.shape[-1])
+            drawn = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(log_p.device)
+            (gradient,) = torch.autograd.grad(log_p.gather(1, drawn).sum(), hidden)
+        return gradient.detach().cpu()
+
+    @staticmethod
+    def _layer_gradient(layer: nn.Module, context: list, hidden: list[torch.Tensor], grads: list[torch.Tensor],
+                        place: "_Placement") -> list[torch.Tensor]:
+        """The gradients at ``layer``'s inputs from those at its outputs (its weights get none)."""
+        needed = [p.requires_grad for p in layer.parameters()]
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        found = []
+        try:
+            with torch.enable_grad():
+                for (args, kwargs), inputs, grad in zip(context, hidden, grads):
+                    inputs = place.tensor(inputs).detach().requires_grad_(True)
+                    args, kwargs = _with_hidden(args, kwargs, inputs)
+                    result = layer(*args, **kwargs)
+                    result = result[0] if isinstance(result, (tuple, list)) else result
+                    (gradient,) = torch.autograd.grad(result, inputs, place.tensor(grad).to(result.dtype))
+                    found.append(gradient.detach().cpu())
+        finally:
+            for p, need in zip(layer.parameters(), needed):
+                p.requires_grad_(need)
+        return found
+
+    def of(self, index: int, batch: int) -> list[torch.Tensor]:
+        """The ``samples`` gradients at layer ``index``'s output for calibration batch ``batch``."""
+        return [self.store.get(f"grad.{index}.{sample}.{batch}") for sample in range(self.samples)]
+
+    @property
+    def batches(self) -> int:
+        return len(self.context)
+
+
+class _Placement:
+    """Layers and tensors on ``device`` for their turn (None: where they are)."""
+
+    def __init__(self, device):
+        self.device = None if device is None else torch.device(device)
+
+    def tensor(self, value):
+        return value.to(self.device) if self.device is not None and isinstance(value, torch.Tensor) else value
+
+    def inputs(self, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        move = self.tensor
+        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
+                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
+
+    @contextmanager
+    def __call__(self, layer: nn.Module):
+        home = next(layer.parameters()).device
+        if self.device is not None and self.device != home:
+            layer.to(self.device)
+        try:
+            yield layer
+        finally:
+            if self.device is not None and self.device != home:
+                layer.to(home)
+
+
+@torch.no_grad()
+def fisher_cost(layer: nn.Module, inputs: list[tuple[tuple, dict]], dense: list[tuple[tuple, dict]],
+                gradients: FisherGradients, index: int) -> float:
+    """0.5 * mean over tokens and drawn samples of (g_t . delta_t)^2, delta the change of ``layer``'s output
+    (run now on ``inputs``, the first ``gradients.batches`` batches) from ``dense``: the Fisher block of each
+    position, cross-position terms dropped (at the last layer, where a token's logits read only its own
+    hidden state, they vanish; elsewhere the sum of squares is far steadier than the square of the sum)."""
+    total, tokens = 0.0, 0
+    for batch, (now, before) in enumerate(zip(run_layer(layer, inputs[: gradients.batches]), dense)):
+        grads = gradients.of(index, batch)
+        width = grads[0].shape[0]  # the gradients' last batch may hold fewer windows than the pipeline's
+        delta = (hidden_of(*now)[:width] - hidden_of(*before)[:width]).float()
+        tokens += delta.shape[0] * delta.shape[1]
+        for grad in grads:
+            total += (grad.to(delta.device).float() * delta).sum(-1).pow(2).double().sum().item()
+    return 0.5 * total / (tokens * gradients.samples)
+
+
+class FisherDivergence:
+    """``Divergence``'s interface on ``FisherGradients``: the layer ``start`` runs again on the dense inputs
+    and its output change is priced by ``fisher_cost`` (the whole model in memory; the allocation itself
+    goes through the layer pipeline, ``LossDriven``)."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int = 8,
+                 samples: int = 1, seed: int = 0):
+        self.layers = layers
+        self.gradients = FisherGradients(model, layers, windows, batch_size, samples, seed)
+        inputs = capture_layer_inputs(model, layers, windows, batch_size)
+        self.inputs = [inputs]
+        for layer in layers:
+            self.inputs.append(run_layer(layer, self.inputs[-1]))
+
+    def __call__(self, start: int) -> float:
+        return fisher_cost(self.layers[start], self.inputs[start], self.inputs[start + 1], self.gradients, start)
 
 
 @torch.no_grad()
@@ -259,18 +448,24 @@ class LossDriven(Allocator):
     step: float = STEP
     windows: int = WINDOWS
     heldout: bool = False  # the probes' statistics from the windows after the divergence's, not from the same ones
+    probe: str = "rerun"  # rerun: every later layer runs again, exact KL; fisher: FisherDivergence
+    samples: int = 1  # fisher: next tokens drawn per position for the Fisher
 
     def capacity(self, graph, spaces, selection) -> int:
         return self.inner.capacity(graph, spaces, selection)
 
     def allocate(self, context):
+        tick = time.perf_counter()
         curves = self.curves(context)
+        seconds = time.perf_counter() - tick
+        context.log(f"loss curves of {len(curves)} sub-layers measured in {seconds:.1f}s ({self.probe} probes)")
         if isinstance(self.inner, SharedFraction):
             fractions = spend(curves, context.budget, self.cap, self.step)
             allocation = self.inner.allocation_at(context, fractions)
         else:
             allocation, fractions = self._unit_allocation(context, curves, context.removable())
-        context.record.add("allocate", method="loss curves", windows=self.windows, levels=list(self.levels),
+        probe = {} if self.probe == "rerun" else {"probe": self.probe, "samples": self.samples}
+        context.record.add("allocate", method="loss curves", windows=self.windows, levels=list(self.levels), **probe,
                            fractions={_label(key): round(f, 4) for key, f in fractions.items()},
                            curves={_label(key): [[round(x, 4), round(v, 6)] for x, v in zip(c.fractions, c.losses)]
                                    for key, c in curves.items()})
@@ -296,48 +491,102 @@ class LossDriven(Allocator):
     def curves(self, context) -> dict[object, Curve]:
         """One curve per sub-layer, (layer, "self_attn" / "mlp"): factorized (the inner allocator's
         ``factorized``), or pruned by units (a selected head or channel space)."""
-        model, graph, rule, layers = context.model, context.graph, context.rule, context.decoder_layers()
-        factorized = self.inner.factorized
-        probes: dict[tuple[int, str], tuple[nn.Module, int, int, Callable[[float], float]]] = {}
-        sources: dict[str, str] = {}  # factorized projection -> the projection whose inputs it shares
-        for sublayer in factorized:
+        probes = self.probes(context)
+        if self.probe == "fisher":
+            return self._fisher_curves(context, probes)
+        model, layers = context.model, context.decoder_layers()
+        start = self.windows if self.heldout else 0
+        if start >= len(context.batches):
+            raise ValueError(f"--loss_heldout True needs more calibration windows than --loss_windows ({self.windows}"
+                             f"), got {len(context.batches)}: raise --nsamples")
+        observed = sorted({name for probe in probes.values() for name in probe.observes})
+        stats = collect_input_statistics(model, context.batches[start: start + STATISTIC_WINDOWS], observed,
+                                         layers=layers, progress=False, second_moments=True)
+        divergence = Divergence(model, layers, context.batches[: self.windows])
+        return {key: measure_curve(probe.module, probe.index, probe.size, partial(probe.compress, stats=stats),
+                                   divergence, self.levels)
+                for key, probe in progress(probes.items(), "loss curves", total=len(probes))}
+
+    def _fisher_curves(self, context, probes: dict[tuple[int, str], Probe]) -> dict[object, Curve]:
+        """The curves through the layer pipeline: Fisher gradients first (one forward and backward), then
+        one dense pass in which each layer's probes run on that layer alone, with that layer's statistics."""
+        settings, pipeline = context.settings, context.pipeline
+        device = None if pipeline is None else pipeline.device
+        with (tempfile.TemporaryDirectory(prefix="structprune-fisher-") if settings.low_memory
+              else nullcontext()) as folder:
+            gradients = FisherGradients(context.model, context.decoder_layers(), context.batches[: self.windows],
+                                        samples=self.samples, seed=settings.seed, device=device, folder=folder,
+                                        release_pages=settings.low_memory)
+            step = _FisherProbes(probes, gradients, self.levels)
+            LayerPipeline(context.model, context.decoder_layers,
+                          context.batches[: max(self.windows, STATISTIC_WINDOWS)], device=device,
+                          low_memory=settings.low_memory).run(context, [step], desc="loss curves (layers)")
+        return {key: step.curves[key] for key in probes}
+
+    def probes(self, context) -> dict[tuple[int, str], Probe]:
+        """What each sub-layer's probe compresses, and how, keyed (layer, "self_attn" / "mlp")."""
+        model, graph, rule = context.model, context.graph, context.rule
+        probes: dict[tuple[int, str], Probe] = {}
+        for sublayer in self.inner.factorized:
             for index in context.selection.get(sublayer, []):
                 prefix, shared = _projections(context, index, sublayer)
-                sources.update({f"{prefix}.{name}": f"{prefix}.{source}" for name, source in shared.items()})
+                sources = {name: f"{prefix}.{source}" for name, source in shared.items()}
                 parent = model.get_submodule(prefix)
                 size = sum(p.numel() for p in parent.parameters())
 
-                def compress(fraction, parent=parent, prefix=prefix, sublayer=sublayer, size=size):
-                    inputs = {name[len(prefix) + 1:]: stats[source] for name, source in sources.items()
-                              if name.startswith(prefix + ".")}
+                def compress(fraction, stats, parent=parent, prefix=prefix, sublayer=sublayer, size=size,
+                             sources=sources):
+                    inputs = {name: stats[source] for name, source in sources.items()}
                     metrics = output_metrics(parent, rule, sublayer, inputs, self.attention_metric)
                     ranks = self.inner.ranks_at(parent, prefix, sublayer, rule, fraction,
                                                 {f"{prefix}.{name}": value for name, value in inputs.items()},
                                                 {f"{prefix}.{name}": value for name, value in metrics.items()})
                     local = {name[len(prefix) + 1:]: rank for name, rank in ranks.items()}
                     return factorize_in_place(parent, local, self.deco_method, inputs, metrics) / size
-                probes[(index, sublayer)] = (parent, index, size, compress)
-        readers = {name for space in context.spaces for name in input_linears(graph, space)}
-        start = self.windows if self.heldout else 0
-        if start >= len(context.batches):
-            raise ValueError(f"--loss_heldout True needs more calibration windows than --loss_windows ({self.windows}"
-                             f"), got {len(context.batches)}: raise --nsamples")
-        windows = context.batches[start: start + STATISTIC_WINDOWS]
-        stats = collect_input_statistics(model, windows, sorted(readers | set(sources.values())), layers=layers,
-                                         progress=False, second_moments=True)
+                probes[(index, sublayer)] = Probe(parent, index, size, compress, sorted(set(sources.values())))
         for space in context.spaces:
             index, sublayer = graph.layer_of(space), _sublayer_of(space)
-            scores = (self.score_space(graph, space, stats) if self.score_space is not None
-                      else context.scores[space.name])
 
-            def compress(fraction, space=space, scores=scores):
+            def compress(fraction, stats, space=space):
+                scores = (self.score_space(graph, space, stats) if self.score_space is not None
+                          else context.scores[space.name])
                 return mask_units(model, graph, space, scores, fraction, stats, self.refit)
-            probes[(index, sublayer)] = (model.get_submodule(context.layer_name(index, sublayer)), index,
-                                         space.parameter_count(0) * space.size, compress)
-        divergence = Divergence(model, layers, context.batches[: self.windows])
-        return {key: measure_curve(module, index, size, compress, divergence, self.levels)
-                for key, (module, index, size, compress) in progress(probes.items(), "loss curves",
-                                                                     total=len(probes))}
+            probes[(index, sublayer)] = Probe(model.get_submodule(context.layer_name(index, sublayer)), index,
+                                              space.parameter_count(0) * space.size, compress,
+                                              input_linears(graph, space))
+        return probes
+
+
+@dataclass
+class Probe:
+    """One sub-layer's probe: ``compress(fraction, stats)`` compresses ``module`` in place (``stats``: input
+    statistics with second moments of at least the ``observes`` modules) and returns the fraction removed."""
+
+    module: nn.Module
+    index: int
+    size: int
+    compress: Callable[..., float]
+    observes: list[str]
+
+
+class _FisherProbes(LayerStep):
+    """The pipeline step that measures, on each layer in turn, the curves of that layer's probes."""
+
+    def __init__(self, probes: dict[tuple[int, str], Probe], gradients: FisherGradients, levels: tuple[float, ...]):
+        self.probes, self.gradients, self.levels = probes, gradients, levels
+        self.curves: dict[tuple[int, str], Curve] = {}
+
+    def observes(self, context, index: int | None) -> dict[str, bool]:
+        return {name: True for probe in self.probes.values() if probe.index == index for name in probe.observes}
+
+    def on_layer(self, context, step) -> None:
+        def cost(_index: int) -> float:
+            return fisher_cost(step.layer, step.inputs, step.outputs, self.gradients, step.index)
+
+        for key, probe in self.probes.items():
+            if probe.index == step.index:
+                self.curves[key] = measure_curve(probe.module, probe.index, probe.size,
+                                                  partial(probe.compress, stats=step.statistics), cost, self.levels)
 
 
 def _sublayer_of(space: Space) -> str:

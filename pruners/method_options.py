@@ -17,7 +17,7 @@ from pruners.estimators import (ACTIVATION_METRICS, FLUCTUATION_METRICS, GROUPIN
 from pruners.factorization import DECOMPOSITIONS
 from pruners.flatllm import MLP_SCORES, ImportancePreserving, KeepChannelsRefit, RotateValues
 from pruners.lorap import RANK_ALLOCATIONS, SharedFraction
-from pruners.loss_allocation import ALLOCATIONS, LossDriven
+from pruners.loss_allocation import ALLOCATIONS, PROBES, LossDriven
 from pruners.options import Options, option
 from pruners.pipeline import PROPAGATIONS
 from pruners.refit import Refit
@@ -127,6 +127,14 @@ class LossAllocationOptions(BlockOptions):
                                                          "list)", when=LOSS)
     loss_heldout: bool = option(False, "fit the probes on calibration windows other than the ones their KL is "
                                        "measured on (needs more than --loss_windows windows)", when=LOSS, on_cli=False)
+    loss_probe: str = option("rerun", "how a probe's KL is measured: rerun every later layer (exact, quadratic in "
+                                      "depth), or fisher: re-run the probed layer only and take the second-order "
+                                      "(Fisher) estimate at its output, from one backward pass (linear in depth, "
+                                      "one layer's statistics at a time)",
+                             choices=PROBES, when=LOSS)
+    loss_samples: int = option(1, "next tokens drawn per position for the Fisher estimate",
+                               when=(lambda o: o.allocation == "loss" and o.loss_probe == "fisher",
+                                     "with --allocation loss --loss_probe fisher"), on_cli=False)
 
     def validate(self) -> None:
         super().validate()
@@ -136,17 +144,22 @@ class LossAllocationOptions(BlockOptions):
         if not levels or any(not 0 < level < 1 for level in levels) or levels != sorted(set(levels)):
             raise ValueError(f"--loss_levels must be increasing fractions between 0 and 1 (e.g. 0.25,0.5), got "
                              f"{','.join(map(str, levels))}")
+        if self.loss_samples < 1:
+            raise ValueError(f"--loss_samples must be at least 1, got {self.loss_samples}")
+        if self.loss_probe == "fisher" and self.loss_heldout:
+            raise ValueError("--loss_heldout True works with --loss_probe rerun only")
         if self.allocation == "loss" and self.loss_heldout and self.nsamples <= self.loss_windows:
             raise ValueError(f"--loss_heldout True fits the probes on the windows after the --loss_windows "
                              f"{self.loss_windows}, and --nsamples {self.nsamples} leaves none: raise --nsamples")
 
     def loss_measurement(self) -> dict:
-        return {"windows": self.loss_windows, "levels": self.loss_levels, "heldout": self.loss_heldout}
+        return {"windows": self.loss_windows, "levels": self.loss_levels, "heldout": self.loss_heldout,
+                "probe": self.loss_probe, "samples": self.loss_samples}
 
     def check_shared(self, settings: PruneSettings) -> None:
-        if settings.low_memory and self.allocation == "loss":
-            raise ValueError("--allocation loss keeps the float64 input second moments of every layer at once (for "
-                             "its probes), which --low_memory cannot bound: add --allocation method, or drop "
+        if settings.low_memory and self.allocation == "loss" and self.loss_probe == "rerun":
+            raise ValueError("--loss_probe rerun keeps the float64 input second moments of every layer at once (for "
+                             "its probes), which --low_memory cannot bound: add --loss_probe fisher, or drop "
                              "--low_memory")
 
 

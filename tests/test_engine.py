@@ -52,7 +52,7 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
     wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
               "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"},
               "svd_llm": {"factorize"}, "flap_refit": {"refit", "remove"},
-              "whitened_lorap": {"allocate", "remove"}}.get(method, {"remove"})  # measured: may factorize none
+              "whitened_lorap": {"factorize", "remove", "refit"}}.get(method, {"remove"})
     assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
     reloaded = load_model(folder)
     for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank
@@ -66,7 +66,7 @@ def test_a_preset_fills_only_what_the_user_left_unset():
     default = flat_settings().options
     assert (flat_settings().prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
             default.propagate, default.allocation, default.loss_windows, default.loss_levels) == (
-        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "loss", 64, (0.125, 0.25, 0.5))
+        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "method", 64, (0.125, 0.25, 0.5))
     flap_refit = flat_settings(prune_method="flap_refit").options
     assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
             flap_refit.propagate) == ("AL-AM", "self_attn,mlp", True, 512, "compressed")
@@ -95,16 +95,18 @@ def test_flap_refit_is_flap_ranked_across_layers_with_the_refit(batches):
 
 
 def test_whitened_lorap_is_lorap_with_its_settings_spelled_out(batches):
-    """A method's defaults and fixed settings, nothing else: the same record as lorap with them as flags."""
-    records = []
-    for settings in (flat_settings(prune_method="whitened_lorap", pruning_ratio=0.3, nsamples=6),
-                     flat_settings(prune_method="lorap", pruning_ratio=0.3, nsamples=6, deco_method="SVDLLM",
-                                   refit=True, propagate="compressed", allocation="loss", loss_windows=64,
-                                   loss_levels=(0.125, 0.25, 0.5))):
-        records.append(prune_model(tiny_model("llama"), None, settings, log=lambda _: None, batches=batches).record)
-    assert records[0].actions == records[1].actions
-    assert {entry["method"] for entry in records[0].of("factorize")} == {"SVDLLM"}
-    assert records[0].settings["options"]["deco_method"] == "SVDLLM"  # the record says what ran
+    """A method's defaults and fixed settings, nothing else: the same record as lorap with them as flags, with
+    its own allocation and with the loss curves its defaults set up."""
+    spelled = dict(prune_method="lorap", deco_method="SVDLLM", refit=True, propagate="compressed")
+    pairs = (({}, dict(spelled, allocation="method")),
+             ({"allocation": "loss"}, dict(spelled, allocation="loss", loss_windows=64, loss_levels=(0.125, 0.25, 0.5))))
+    for preset, lorap in pairs:
+        records = [prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=0.3, nsamples=6, **settings),
+                               log=lambda _: None, batches=batches).record
+                   for settings in (dict(prune_method="whitened_lorap", **preset), lorap)]
+        assert records[0].actions == records[1].actions
+        assert {entry["method"] for entry in records[0].of("factorize")} == {"SVDLLM"}
+        assert records[0].settings["options"]["deco_method"] == "SVDLLM"  # the record says what ran
     with pytest.raises(ValueError, match="--prune_method whitened_lorap fixes --deco_method SVDLLM"):
         prune_model(tiny_model("llama"), None, flat_settings(prune_method="whitened_lorap", deco_method="AFM"),
                     log=lambda _: None, batches=batches)

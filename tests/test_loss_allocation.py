@@ -220,3 +220,68 @@ def test_heldout_probes_without_windows_to_spare_are_refused_before_any_work(mon
     with pytest.raises(ValueError, match="--loss_heldout True .* raise --nsamples"):
         prune_model(tiny_model("llama"), None, _settings("lorap", loss_windows=8, loss_heldout=True),
                     log=lambda _: None)
+
+
+def test_the_fisher_estimate_is_zero_on_the_dense_model_and_near_a_small_change_s_kl(batches):
+    """At the last layer the logits of a token read only its own hidden state, so the per-position Fisher is
+    the KL's whole second-order term: a small change's estimate (many drawn tokens) is near its exact KL."""
+    from pruners.loss_allocation import Divergence, FisherDivergence
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    exact = Divergence(model, layers, batches)
+    last = len(layers) - 1
+    fisher = FisherDivergence(model, layers, batches, samples=256)
+    assert fisher(0) == pytest.approx(0.0, abs=1e-9) and fisher(last) == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        layers[last].mlp.down_proj.weight.mul_(0.8)
+    assert exact(last) > 1e-4
+    assert fisher(last) == pytest.approx(exact(last), rel=0.2)
+
+
+def test_a_fisher_probe_re_runs_only_its_own_layer(batches, monkeypatch):
+    import pruners.loss_allocation as loss_allocation
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    fisher = loss_allocation.FisherDivergence(model, layers, batches)
+    ran = []
+    run_layer = loss_allocation.run_layer
+    monkeypatch.setattr(loss_allocation, "run_layer", lambda layer, inputs: ran.append(layer) or run_layer(layer, inputs))
+    with torch.no_grad():
+        layers[0].mlp.down_proj.weight.mul_(0.5)
+    assert fisher(0) > 0 and ran == [layers[0]]
+
+
+def test_fisher_probes_allocate_and_say_so_in_the_record(batches):
+    report = prune_model(tiny_model("llama"), None, _settings("lorap", loss_probe="fisher", loss_windows=4),
+                         log=lambda _: None, batches=batches)
+    entry = report.record.of("allocate")[0]
+    assert entry["probe"] == "fisher" and entry["curves"]
+    assert abs(report.achieved_ratio - 0.2) < 0.03
+
+
+def test_fisher_probes_give_the_same_plan_with_layers_moved_to_a_device_and_back(batches):
+    """--device: each layer (and the head, for the gradients) moves there for its turn and back. Here the device
+    named is the CPU the model is on: the device path (placement of inputs, layers and gradients) runs with
+    nothing to move; the moves themselves need an accelerator, which CI never has."""
+    records = []
+    for device in (None, "cpu"):
+        report = prune_model(tiny_model("llama"), None, _settings("lorap", loss_probe="fisher", loss_windows=4),
+                             log=lambda _: None, batches=batches, device=device)
+        records.append(report.record.actions)
+    assert records[0] == records[1]
+
+
+def test_fisher_gradients_kept_on_disk_are_the_ones_kept_in_memory(batches, tmp_path):
+    from pruners.loss_allocation import FisherGradients
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    held = FisherGradients(model, layers, batches, samples=2)
+    stored = FisherGradients(model, layers, batches, samples=2, folder=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir())[0].startswith("grad.")  # the layer inputs are gone
+    assert not any(p.name.startswith("input.") for p in tmp_path.iterdir())
+    for index in range(len(layers)):
+        for a, b in zip(held.of(index, 0), stored.of(index, 0)):
+            assert torch.equal(a, b) and a.abs().sum() > 0

@@ -31,10 +31,11 @@ def _settings(method: str, **extra) -> PruneSettings:
     return settings_for(method, pruning_ratio=0.2, nsamples=6, num_examples=4, **{**selection, **extra})
 
 
-RUNS = [(method, {}) for method in sorted(METHODS) if method != "whitened_lorap"] + [
-    ("whitened_lorap", {"allocation": "method"})] + [
+RUNS = [(method, {}) for method in sorted(METHODS)] + [
     ("llm_pruner", {"taylor": mode}) for mode in TAYLOR_MODES if mode not in ("param_first", "param_mix")] + [
-    ("llm_pruner", {"mode": "channel"}), ("flap", {"refit": True}), ("lorap", {"propagate": "compressed"})]
+    ("llm_pruner", {"mode": "channel"}), ("flap", {"refit": True}), ("lorap", {"propagate": "compressed"}),
+    ("whitened_lorap", {"allocation": "loss", "loss_probe": "fisher", "loss_windows": 4}),
+    ("flap", {"allocation": "loss", "loss_probe": "fisher", "loss_windows": 3})]
 
 
 @pytest.mark.parametrize("method,extra", RUNS, ids=[f"{m}-{'-'.join(map(str, e.values())) or 'default'}"
@@ -78,9 +79,10 @@ def test_checkpointing_keeps_only_layer_inputs_and_restores_the_layers(batches):
         torch.testing.assert_close(param.grad, expected)
 
 
-def test_the_loss_allocation_is_refused_under_low_memory_before_any_work():
-    for settings in (dict(low_memory=True), dict(prune_method="lorap", allocation="loss", low_memory=True)):
-        with pytest.raises(ValueError, match="--allocation loss keeps .* add --allocation method"):
+def test_rerun_probes_are_refused_under_low_memory_before_any_work():
+    for settings in (dict(allocation="loss", low_memory=True),
+                     dict(prune_method="lorap", allocation="loss", loss_probe="rerun", low_memory=True)):
+        with pytest.raises(ValueError, match="--loss_probe rerun keeps .* add --loss_probe fisher"):
             flat_settings(**settings)  # refused as the settings are built
 
 
@@ -159,12 +161,13 @@ def test_the_cli_prunes_and_saves_in_bf16_with_low_memory(tmp_path):
 @pytest.mark.smollm2
 @pytest.mark.parametrize("settings", [
     flat_settings(prune_method="flap", nsamples=16),
-    # flap_refit: heads, MLP channels and their refits (the default's loss curves are checked on tiny models:
-    # on SmolLM2 they take minutes)
+    # flap_refit: heads, MLP channels and their refits (the loss curves with Fisher probes are checked on SmolLM2
+    # in tests/test_smollm2.py)
     flat_settings(prune_method="flap_refit", nsamples=16),
     flat_settings(prune_method="lorap", nsamples=16),  # factorization ranks and MLP channels
+    flat_settings(nsamples=16),  # the default: whitened factorizations, refits, compressed propagation
     flat_settings(prune_method="llm_pruner", num_examples=4),
-], ids=["flap", "flap_refit", "lorap", "taylor"])
+], ids=["flap", "flap_refit", "lorap", "default", "taylor"])
 def test_smollm2_streamed_and_plain_runs_give_the_same_plan(settings):
     from dataclasses import replace
 

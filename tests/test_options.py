@@ -53,7 +53,7 @@ def test_an_option_of_another_method_is_refused_naming_the_methods_options():
 def test_a_preset_is_an_options_instance_of_its_base_method():
     settings = flat_settings("whitened_lorap", deco_method="SVDLLM", nsamples=16)
     assert isinstance(settings.options, LorapOptions)
-    assert (settings.options.deco_method, settings.options.allocation, settings.options.nsamples) == ("SVDLLM", "loss", 16)
+    assert (settings.options.deco_method, settings.options.allocation, settings.options.nsamples) == ("SVDLLM", "method", 16)
     with pytest.raises(ValueError, match="--prune_method whitened_lorap fixes --deco_method SVDLLM, got AFM: drop "
                                          "--deco_method, or use --prune_method lorap"):
         flat_settings("whitened_lorap", deco_method="AFM")

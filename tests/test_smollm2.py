@@ -1,6 +1,8 @@
 """A few checks on the real SmolLM2-135M weights (marked: they load the embedded model)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -81,3 +83,20 @@ def test_pruned_equals_masked_on_smollm2(smollm2):
         got, expected = pruned(input_ids=ids).logits, masked(input_ids=ids).logits
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_fisher_probes_plan_the_same_in_bf16_under_low_memory(smollm2, tmp_path):
+    """The measured-loss allocation with Fisher probes on the real weights, memory-mapped bf16 under --low_memory
+    and in memory: the same plan (a few windows, to keep it short)."""
+    from pruners import flat_settings, prune_model
+
+    model, tokenizer = smollm2
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)
+    records = []
+    for low_memory in (False, True):
+        settings = flat_settings(nsamples=8, allocation="loss", loss_windows=2, loss_probe="fisher",
+                                 low_memory=low_memory)
+        report = prune_model(load_model(tmp_path, dtype=torch.bfloat16), tokenizer, settings, log=lambda _: None)
+        records.append(report.record.of("allocate")[0]["fractions"])
+        assert abs(report.achieved_ratio - 0.2) < 0.01
+    assert records[0] == records[1]
