@@ -28,17 +28,29 @@ def least_squares_weight(weight: torch.Tensor, stats: InputStatistics, kept: tor
     With the dense model's inputs t observed beside the layer's own x (``stats.has_target``), W' minimises
     E ||W t - W' x_S||^2 instead: W' = W E[t x_S^T] (C[S, S] + damping)^-1, the fit that also undoes the drift
     of x from t."""
-    moment = stats.moment
     mean = stats.mean.double()
-    cross = stats.cross if stats.has_target else moment  # E[t x^T]
     target_mean = stats.target_mean.double() if stats.has_target else mean
+    # the width x width float64 matrices are built in place and dropped as soon as they are read: at a 7B MLP's
+    # width each is about 1 GB (the same arithmetic as out of place, so the same numbers)
+    count = max(stats.count, 1)
+    # C[:, S] and E[t x_S^T], never the whole C: the kept columns only, element by element as C - mean mean^T
+    columns = stats.second_moment[:, kept].double().div_(count)
     if intercept:
-        moment = moment - torch.outer(mean, mean)
-        cross = cross - torch.outer(target_mean, mean)
-    block = moment[kept][:, kept]
+        columns.addr_(mean, mean[kept], alpha=-1)
+    if stats.has_target:  # E[t x^T]
+        rhs = stats.cross_moment[:, kept].double().div_(count)
+        if intercept:
+            rhs.addr_(target_mean, mean[kept], alpha=-1)
+        rhs = rhs.T
+    else:
+        rhs = columns.T
+    block = columns[kept]
+    del columns
     damp = DAMPING * block.diagonal().mean().clamp_min(1e-12)
+    block.diagonal().add_(damp)
     # W' = W E[t x_S^T] C[S, S]^-1, solved as (C[S, S] + damping) X = E[x_S t^T]
-    solution = torch.linalg.solve(block + damp * torch.eye(len(kept), dtype=block.dtype), cross[:, kept].T)
+    solution = torch.linalg.solve(block, rhs)
+    del block, rhs
     w = weight.detach().double().cpu()
     refit = w @ solution.T
     bias = (w @ target_mean - refit @ mean[kept]) if intercept else None

@@ -78,12 +78,14 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
         entry.total_sq += (x * x).sum(0).cpu()
         if second_moments:
             gram = (x.T @ x).cpu()
-            entry.second_moment = gram if entry.second_moment is None else entry.second_moment + gram
+            # in place: a copy of the sum would hold a third width x width float64 matrix beside the two
+            entry.second_moment = gram if entry.second_moment is None else entry.second_moment.add_(gram)
+            del gram
             if targets is not None and name in targets:
                 target = targets.pop(name)
                 cross, total = (target.T @ x).cpu(), target.sum(0).cpu()
                 first = entry.cross_moment is None
-                entry.cross_moment = cross if first else entry.cross_moment + cross
+                entry.cross_moment = cross if first else entry.cross_moment.add_(cross)
                 entry.target_total = total if first else entry.target_total + total
 
     return hook
