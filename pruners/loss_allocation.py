@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from pruners.compensation import removed_input_columns
 from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
-from pruners.pipeline import LayerPipeline, _with_hidden, capture_layer_inputs, hidden_of, progress, run_layer
+from pruners.pipeline import LayerPipeline, Placement, _with_hidden, capture_layer_inputs, hidden_of, progress, run_layer
 from pruners.interfaces import Allocator, LayerStep
 from pruners.refit import refit_linear
 from pruners.statistics import InputStatistics, collect_input_statistics
@@ -153,7 +153,7 @@ class FisherGradients:
         from modelio.memory import module_extents, release
 
         self.samples, self.store = samples, ActivationStore(folder)
-        place = _Placement(device)
+        place = Placement(device)
         inputs = place.inputs(capture_layer_inputs(model, layers, windows, batch_size))
         self.context = [_with_hidden(args, kwargs, None) for args, kwargs in inputs]  # masks, positions
         for index, layer in enumerate(progress(layers, "Fisher (forward)")):
@@ -198,7 +198,7 @@ class FisherGradients:
 
     @staticmethod
     def _layer_gradient(layer: nn.Module, context: list, hidden: list[torch.Tensor], grads: list[torch.Tensor],
-                        place: "_Placement") -> list[torch.Tensor]:
+                        place: Placement) -> list[torch.Tensor]:
         """The gradients at ``layer``'s inputs from those at its outputs (its weights get none)."""
         needed = [p.requires_grad for p in layer.parameters()]
         for p in layer.parameters():
@@ -225,32 +225,6 @@ class FisherGradients:
     @property
     def batches(self) -> int:
         return len(self.context)
-
-
-class _Placement:
-    """Layers and tensors on ``device`` for their turn (None: where they are)."""
-
-    def __init__(self, device):
-        self.device = None if device is None else torch.device(device)
-
-    def tensor(self, value):
-        return value.to(self.device) if self.device is not None and isinstance(value, torch.Tensor) else value
-
-    def inputs(self, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-        move = self.tensor
-        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
-                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
-
-    @contextmanager
-    def __call__(self, layer: nn.Module):
-        home = next(layer.parameters()).device
-        if self.device is not None and self.device != home:
-            layer.to(self.device)
-        try:
-            yield layer
-        finally:
-            if self.device is not None and self.device != home:
-                layer.to(home)
 
 
 @torch.no_grad()

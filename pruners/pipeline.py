@@ -102,6 +102,37 @@ class LayerPass:
     statistics: dict[str, InputStatistics] = field(default_factory=dict)
 
 
+class Placement:
+    """Layers and tensors on ``device`` for their turn (None: wherever they are)."""
+
+    def __init__(self, device: torch.device | str | None):
+        self.device = None if device is None else torch.device(device)
+
+    def tensor(self, value):
+        return value.to(self.device) if self.device is not None and isinstance(value, torch.Tensor) else value
+
+    def inputs(self, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        """Captured layer inputs (args, kwargs) moved there."""
+        if self.device is None:
+            return inputs
+        move = self.tensor
+        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
+                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
+
+    @contextmanager
+    def __call__(self, layer: nn.Module) -> Iterator[nn.Module]:
+        """``layer`` there for the duration, then back where it was."""
+        home = next(layer.parameters()).device
+        target = self.device if self.device is not None else home
+        if target != home:
+            layer.to(target)
+        try:
+            yield layer
+        finally:
+            if target != home:
+                layer.to(home)
+
+
 @dataclass
 class LayerPipeline:
     model: nn.Module
@@ -113,25 +144,12 @@ class LayerPipeline:
     show_progress: bool = True
     low_memory: bool = False  # hand each layer's old weights back to the kernel after its turn (modelio.memory)
 
-    @contextmanager
-    def placed(self, layer: nn.Module) -> Iterator[nn.Module]:
+    def placed(self, layer: nn.Module):
         """``layer`` on the pipeline's device for the duration, then back where it was."""
-        home = next(layer.parameters()).device
-        target = torch.device(self.device) if self.device is not None else home
-        if target != home:
-            layer.to(target)
-        try:
-            yield layer
-        finally:
-            if target != home:
-                layer.to(home)
+        return Placement(self.device)(layer)
 
     def _inputs_on(self, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-        if self.device is None:
-            return inputs
-        move = lambda value: value.to(self.device) if isinstance(value, torch.Tensor) else value  # noqa: E731
-        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
-                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
+        return Placement(self.device).inputs(inputs)
 
     @torch.no_grad()
     def run(self, context, steps: list[LayerStep], propagate: str = "dense", desc: str = "calibration (layers)",
