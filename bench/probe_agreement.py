@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from modelio.outputs import UnsafeSaveError, check_writable, write_text_atomically  # noqa: E402
+
 ROWS = ROOT / "bench" / "results" / "probes.jsonl"
 TABLE = ROOT / "bench" / "results" / "probes.md"
 REFERENCE = {"probe": "rerun", "windows": 64}
@@ -111,12 +113,17 @@ def main() -> None:
     args = parser.parse_args()
     if not args.table:
         reference = json.loads(args.reference)
+        if args.curves:  # before minutes of measuring: a place it can be written, a file it can be read
+            try:
+                check_writable(args.curves.parent, "--curves")
+            except UnsafeSaveError as error:
+                parser.error(str(error))
         saved = json.loads(args.curves.read_text()) if args.curves and args.curves.exists() else []
         known = [run for run in saved if run["config"] == reference]
         runs = measure(json.loads(args.probes) if known else [reference, *json.loads(args.probes)])
         runs = known[:1] + runs if known else runs
         if args.curves:
-            args.curves.write_text(json.dumps(saved + runs[1 if known else 0:]))
+            write_text_atomically(args.curves, json.dumps(saved + runs[1 if known else 0:]))
         with ROWS.open("a") as handle:
             for run in runs[1:]:
                 row = {"probe": _name(run["config"]), "reference": _name(reference), **compare(runs[0], run),
@@ -142,7 +149,7 @@ def write_table() -> None:
                      f" | {row['fraction_rank_correlation']} | {row['fraction_moved']:.2%} | {row['seconds']:.0f} s "
                      f"({row['pass_ratio']:.2f} ×) | {row['reference_seconds']:.0f} s "
                      f"({row['reference_seconds'] / pass_seconds:.2f} ×) | {row['date']} |")
-    TABLE.write_text("\n".join(lines) + "\n")
+    write_text_atomically(TABLE, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

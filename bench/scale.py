@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown run {', '.join(unknown)}: choose from {', '.join(RUNS)}")
         run(args.model, args.shape, names, extra, args.out or Path("/tmp/scale-pruned"), args.nsamples)
     if args.table:
-        RESULTS.write_text(table())
+        from modelio.outputs import write_text_atomically
+
+        write_text_atomically(RESULTS, table())
         print(RESULTS.read_text())
 
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.costs import PASS_TOKENS  # noqa: E402
 from bench.methods import RUNS  # noqa: E402
+from modelio.outputs import write_text_atomically  # noqa: E402
 
 ROWS = ROOT / "bench" / "results" / "selection.jsonl"
 TABLE = ROOT / "bench" / "results" / "selection.md"
@@ -116,8 +117,9 @@ def write_table() -> str:
                          for key, value in row["settings"].items())
         lines.append(f"| {row['run']} | `{flags}` | {row['achieved_ratio']:.2%} | {row['heldout_ppl']:.2f} | "
                      f"{_cost(row)} |")
-    TABLE.write_text("\n".join(lines) + "\n")
-    return TABLE.read_text()
+    text = "\n".join(lines) + "\n"
+    write_text_atomically(TABLE, text)
+    return text
 
 
 def main() -> None:
