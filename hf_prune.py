@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import asdict, fields
@@ -23,6 +24,8 @@ from depgraph import InvalidPlan, MissingArchitectureRule, MissingOpRule, rule_f
 from evaluation import perplexity
 from modelio import (DEFAULT_MODEL, ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer,
                      save_model)
+from modelio.export_gguf import EXPORTING_METHODS, OUTTYPES as GGUF_OUTTYPES
+from modelio.export_gguf import ExportRefused, check_exportable, write_gguf
 from modelio.load import DTYPES, load_tokenizer, resolve_model_path
 from modelio.outputs import Output, plot_formats, replace_file, write_text_atomically
 from modelio.outputs import check_outputs as check_output_paths
@@ -30,7 +33,7 @@ from pruners import METHODS, PruneSettings, count_parameters, flat_settings, pru
 from pruners import options_doc
 from pruners.checks import calibration_windows, preflight
 from pruners.method_options import SUBLAYERS
-from pruners.methods import DEFAULT_METHOD
+from pruners.methods import DEFAULT_METHOD, factorizing_actions
 from pruners.options import CLI_CHOICES, HELP, ON_CLI
 from pruners.options_doc import defaults_text, methods_title, option_classes, option_groups
 
@@ -185,6 +188,11 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None,
                         help="image of the kept fraction per layer (.png, .pdf, .svg, ...: the suffix is the format)")
     parser.add_argument("--report", default=None, help="JSON file (.json) for the figures of this run")
+    parser.add_argument("--save_gguf", default=None,
+                        help="GGUF file (.gguf) of the pruned model for llama.cpp (python -m modelio.export_gguf); "
+                             "methods that factorize or narrow value heads are refused before any work")
+    parser.add_argument("--gguf_outtype", choices=list(GGUF_OUTTYPES), default="f16",
+                        help="weights' type in --save_gguf (llama.cpp's converter names)")
 
 
 def settings_from(args: argparse.Namespace) -> PruneSettings:
@@ -348,6 +356,8 @@ def planned_outputs(args: argparse.Namespace) -> list[Output]:
         outputs.append(Output.file("--plot", args.plot, plot_formats()))
     if args.report:
         outputs.append(Output.file("--report", args.report, ("json",)))
+    if args.save_gguf:
+        outputs.append(Output.file("--save_gguf", args.save_gguf, ("gguf",)))
     return outputs
 
 
@@ -381,10 +391,34 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(args, resolve_model_path(args.base_model))
         model, tokenizer = load_model_and_tokenizer(args.base_model, dtype=args.dtype, device=args.device)
         preflight(model, settings)  # the architecture, the layer ranges and the budget, before any measuring
+        if args.save_gguf:
+            check_gguf_export(model, settings)
         run(model, tokenizer, args, settings)
     except ERRORS as error:
         return fail(error)
     return 0
+
+
+def check_gguf_export(model, settings: PruneSettings) -> None:
+    """--save_gguf: the family maps onto llama.cpp's graph and the method's result will (one line if not)."""
+    check_exportable(model.config.to_dict())
+    odd = factorizing_actions(settings)
+    if odd:
+        raise ExportRefused(f"--save_gguf: {settings.prune_method} factorizes or narrows value heads "
+                            f"({', '.join(odd)}), which llama.cpp's graph cannot load: prune with one of "
+                            f"{EXPORTING_METHODS}, or save with --save_model and export with "
+                            f"python -m modelio.export_gguf --dense_factors")
+
+
+def export(model, tokenizer, args: argparse.Namespace, saved: Path | None) -> None:
+    """--save_gguf from the pruned model, with the tokenizer of the saved folder (or one saved for it)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = saved
+        if folder is None:
+            folder = Path(scratch)
+            tokenizer.save_pretrained(folder)
+        summary = write_gguf(model, folder, args.save_gguf, args.gguf_outtype)
+    print(summary.line())
 
 
 def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> None:
@@ -413,6 +447,8 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model,
                            record=report.record)
         print(f"saved to {where}; {load_hint(where)}")
+    if args.save_gguf:
+        export(model, tokenizer, args, where if args.save_model else None)
     if args.report:
         write_text_atomically(args.report, json.dumps(results, indent=2, default=str))
         print(f"report: {args.report}")

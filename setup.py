@@ -24,7 +24,11 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # llama.cpp through its Python binding, to run and measure exported GGUF files (a source build: minutes)
+        "deploy": ["llama-cpp-python>=0.3.36,<0.4"],
+    },
     entry_points={
         "console_scripts": [
             "structprune-prune = hf_prune:cli",

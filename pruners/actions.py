@@ -73,6 +73,10 @@ class Factorize(LayerAction):
     real_com: bool = True
     attention_metric: str = "outputs"  # "logits": q and k truncated by their error on the logits (SVDLLM)
 
+    @property
+    def keeps_plain_layout(self) -> bool:
+        return not self.real_com  # the product written back densely is a plain linear
+
     def observes(self, context, index):
         if index is None or index not in context.selection.get(self.sublayer, []):
             return {}

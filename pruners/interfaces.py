@@ -64,6 +64,12 @@ class Action(ABC):
 
     removes_value_dims: bool = False  # it removes value dimensions (pruners.checks checks the architecture)
 
+    @property
+    def keeps_plain_layout(self) -> bool:
+        """Whether its result is plain linears with value heads as wide as the keys: what llama.cpp's llama
+        and deci graphs compute (modelio.export_gguf)."""
+        return not self.removes_value_dims
+
     def parameters_added(self, context: Context) -> int:
         """Parameters it adds back (compensation biases), which the allocator removes on top of the budget."""
         return 0

@@ -234,6 +234,13 @@ def method_of(settings: PruneSettings, composition: Composition | None = None) -
     return settings.options if composition is None else composition.build()
 
 
+def factorizing_actions(settings: PruneSettings) -> list[str]:
+    """The actions of ``settings``' method whose result is not plain linears with full-width value heads
+    (factorized projections, narrowed value heads): what llama.cpp's graph cannot load (modelio.export_gguf)."""
+    return [type(action).__name__ for action in method_of(settings).actions(settings)
+            if not action.keeps_plain_layout]
+
+
 def select_spaces(graph: DependencyGraph, settings: PruneSettings, composition: Composition | None = None
                   ) -> list[Space]:
     """The spaces the method (the registered one, or ``composition``) selects on ``graph``."""
