@@ -102,6 +102,18 @@ def within_budget(found: list[dict]) -> list[dict]:
                   key=lambda row: row["heldout_ppl"])
 
 
+def exports(settings: dict) -> bool:
+    """Whether the candidate's result is a pure removal, which modelio.export_gguf writes for llama.cpp."""
+    from pruners import flat_settings
+    from pruners.methods import factorizing_actions
+
+    try:
+        return not factorizing_actions(flat_settings(**settings))
+    except ValueError:  # a row recorded before one of its options was narrowed: the method and real_com decide
+        return not factorizing_actions(flat_settings(**{k: v for k, v in settings.items()
+                                                        if k in ("prune_method", "real_com")}))
+
+
 def write_table() -> str:
     measured = sorted(rows(), key=lambda row: row["heldout_ppl"])
     lines = ["Candidates for the default at 20% of all parameters, by perplexity on held-out calibration text "
@@ -111,12 +123,16 @@ def write_table() -> str:
              f"Cost: the compression's seconds as a ratio to one {PASS_TOKENS:,}-token WikiText-2 perplexity pass "
              f"measured in the same process (budget for the default: {COST_BUDGET:g} ×); rows from before "
              "2026-12-06 measured no pass and show the seconds only.", "",
-             "| candidate | settings | removed | held-out PPL | cost (× pass) |", "|---|---|---|---|---|"]
+             "Exports: whether the result loads in llama.cpp as it is (`--save_gguf`, `python -m "
+             "modelio.export_gguf`): pure removals do; factorized attention needs `--dense_factors`, which gives back "
+             "the parameters the factorization saved.", "",
+             "| candidate | settings | removed | held-out PPL | cost (× pass) | exports to llama.cpp |",
+             "|---|---|---|---|---|---|"]
     for row in measured:
         flags = " ".join(f"--{key} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
                          for key, value in row["settings"].items())
         lines.append(f"| {row['run']} | `{flags}` | {row['achieved_ratio']:.2%} | {row['heldout_ppl']:.2f} | "
-                     f"{_cost(row)} |")
+                     f"{_cost(row)} | {'yes' if exports(row['settings']) else 'no'} |")
     text = "\n".join(lines) + "\n"
     write_text_atomically(TABLE, text)
     return text

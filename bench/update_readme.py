@@ -3,7 +3,8 @@
     python bench/update_readme.py
 
 Each table of bench/results/<name>.md goes between the ``<!-- name -->`` and ``<!-- /name -->`` markers of
-docs/results.md. The README's one results table (``<!-- summary -->``) is built here from
+docs/results.md (the deploy table also into the README's ``<!-- deploy-summary -->``). The README's results
+table (``<!-- summary -->``) is built here from
 bench/results/methods.jsonl (the latest row of each run), bench/results/peers.json and the dense model's
 figures: the default and the best rows of the other families at 20%, beside the peers' own code.
 """
@@ -24,7 +25,7 @@ TARGET = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
 SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.md", "scale": "scale.md",
             "selection": "selection.md", "attempts": "attempts.md", "attention_metric": "attention_metric.md",
-            "probes": "probes.md"}
+            "probes": "probes.md", "deploy": "deploy.md"}
 
 # The README's table: (run in methods.jsonl, what a user types after `python hf_prune.py --pruning_ratio 0.2`,
 # the peer in peers.json it compares with, or None). At most 8 rows.
@@ -117,9 +118,14 @@ def main() -> None:
         text = replace(text, name, path.read_text().strip(), TARGET)
     write_text_atomically(TARGET, text)
     print(f"wrote {TARGET.relative_to(ROOT)}")
+    readme = README.read_text()
     if (RESULTS / "methods.jsonl").exists():
-        write_text_atomically(README, replace(README.read_text(), "summary", summary_table(), README))
-        print(f"wrote {README.relative_to(ROOT)} (summary table)")
+        readme = replace(readme, "summary", summary_table(), README)
+    if (RESULTS / "deploy.md").exists():  # the deploy table, its caption after it
+        caption, _, table = (RESULTS / "deploy.md").read_text().strip().partition("\n\n")
+        readme = replace(readme, "deploy-summary", f"{table}\n\n{caption}", README)
+    write_text_atomically(README, readme)
+    print(f"wrote {README.relative_to(ROOT)} (summary and deploy tables)")
 
 
 if __name__ == "__main__":
