@@ -431,6 +431,7 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         results["ppl_before"] = measure(model, tokenizer, args)
         print(f"before: {rounded(results['ppl_before'])}")
     report = prune_model(model, tokenizer, settings)
+    report.record.base_model = args.base_model  # the name as given (an embedded model, a folder, a hub id)
     print(report.summary())
     print(layer_table(report, original, model))
     results.update(params_after=report.params_after, asked_ratio=report.asked_ratio,

@@ -33,7 +33,9 @@ from modelio.outputs import Output, overlaps, replace_file, write_text_atomicall
 from modelio.outputs import check_outputs as check_output_paths
 from pruners import count_parameters, load_record
 from recover import finite_json, refactorize
-from recover.data import NotAlpacaData, check_val_set_size, load_records
+from recover.data import (NotAlpacaData, check_not_evaluation, check_val_set_size, is_plain_text, load_records,
+                          sample, text_documents, text_windows)
+from recover.distill import DistillSettings, teacher_name
 from recover.lora import LoraSettings, check_context, merged, resolve_checkpoint, tokenized_splits, train_lora
 
 ERRORS = (ModelNotFoundError, DataNotFoundError, UnsafeSaveError, NotAlpacaData, ValueError)
@@ -44,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prune_model", required=True, help="folder saved by hf_prune.py --save_model")
     parser.add_argument("--data_path", default=None,
-                        help=f"Alpaca-format JSON file, or a hub id when online (None: {DEFAULT_DATA} in the data "
-                             "directory)")
+                        help=f"Alpaca-format JSON file, a hub id when online, or plain text (a .txt file of passages "
+                             f"separated by blank lines, or a calibration set's name such as bookcorpus), packed "
+                             f"into --cutoff_len windows (None: {DEFAULT_DATA} in the data directory)")
     parser.add_argument("--output_dir", required=True,
                         help="checkpoints, report.json, loss.png and the recovered model (<output_dir>/model)")
     for field in fields(LoraSettings):
@@ -56,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = str_to_bool if field.type in (bool, "bool") else type(field.default)
         parser.add_argument(f"--{field.name}", type=kind, default=field.default)
-    parser.add_argument("--max_records", type=int, default=None, help="use N records drawn at random with --seed (None: all)")
+    for field in fields(DistillSettings):
+        kind = str_to_bool if field.type in (bool, "bool") else (str if field.name == "teacher_model" else
+                                                                   type(field.default))
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=DISTILL_HELP[field.name])
+    parser.add_argument("--max_records", type=int, default=None,
+                        help="use N records (plain text: N windows) drawn at random with --seed (None: all)")
     parser.add_argument("--resume_from_checkpoint", nargs="?", const="last", default=None,
                         help="resume from <output_dir>/checkpoints (its newest complete checkpoint; incomplete ones, "
                              "from a run stopped while writing them, are skipped) or from this checkpoint")
@@ -74,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an existing <output_dir>/model")
     parser.add_argument("--device", default="cpu")
     return parser
+
+
+DISTILL_HELP = {
+    "distill": "train on the KL of the pruned model's next-token distribution from the teacher's (recovery by "
+               "distillation) instead of the next token alone",
+    "distill_temperature": "temperature of both distributions (the KL is scaled by its square)",
+    "distill_alpha": "weight of the KL; the language-modelling loss on the labels gets 1 - alpha",
+    "teacher_model": "the teacher (None: the base model the compression record names)",
+}
+
+
+def distill_settings(args: argparse.Namespace) -> DistillSettings:
+    return DistillSettings(**{field.name: getattr(args, field.name) for field in fields(DistillSettings)})
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
@@ -97,12 +118,13 @@ def planned_outputs(output_dir: Path) -> list[Output]:
 
 
 class Checked(NamedTuple):
-    """What ``check`` found: the records, their tokenized (train, validation) and the checkpoint to resume
-    from (None: from step 0)."""
+    """What ``check`` found: the records (plain text: its windows), their tokenized (train, validation), the
+    checkpoint to resume from (None: from step 0) and the teacher to distil from (None: no distillation)."""
 
     records: list[dict]
     splits: tuple
     resume: str | None
+    teacher: str | None = None
 
 
 def check(args: argparse.Namespace) -> Checked:
@@ -110,6 +132,8 @@ def check(args: argparse.Namespace) -> Checked:
     length, the output, the checkpoint to resume from, the data (tokenized with the folder's tokenizer)."""
     settings = lora_settings(args)
     settings.check()
+    distill = distill_settings(args)
+    distill.check()
     if args.extra_rank < 0:
         raise ValueError(f"--extra_rank must be at least 0, got {args.extra_rank}")
     source = Path(resolve_model_path(args.prune_model))
@@ -128,13 +152,23 @@ def check(args: argparse.Namespace) -> Checked:
                                  "written by hf_prune.py --save_model") from None
     check_context(settings.cutoff_len, config if isinstance(config, dict) else {}, str(source / "config.json"))
     resume = resolve_checkpoint(output, args.resume_from_checkpoint, settings.resume_weights_only)
-    records = load_records(data_path(args), args.max_records, args.seed)
+    teacher = None
+    if distill.distill:
+        teacher = teacher_name(load_record(source), distill, f"--prune_model {args.prune_model}")
+        resolve_model_path(teacher)  # an unknown name or a missing folder: one line now
+    tokenizer = load_tokenizer(args.prune_model)
+    if is_plain_text(data_path(args)):
+        documents = text_documents(data_path(args), args.data_dir)
+        check_not_evaluation(documents, args.data_dir)
+        records = sample(text_windows(documents, tokenizer, settings.cutoff_len), args.max_records, args.seed)
+    else:
+        records = load_records(data_path(args), args.max_records, args.seed)
     check_val_set_size(settings.val_set_size, len(records))
     if args.test_before_train or args.test_after_train:
         for dataset in [d for d in args.eval_datasets.split(",") if d]:
             evaluation_text(dataset, data_dir=args.data_dir)
-    splits = tokenized_splits(records, load_tokenizer(args.prune_model), settings)
-    return Checked(records, splits, resume)
+    splits = tokenized_splits(records, tokenizer, settings)
+    return Checked(records, splits, resume, teacher)
 
 
 def measure(model, tokenizer, args) -> dict:
@@ -199,8 +233,18 @@ def run(model, tokenizer, checked: Checked, args: argparse.Namespace) -> None:
         report["before"] = measure(model, tokenizer, args)
         print(f"before: {rounded(report['before'])}")
     start = time.perf_counter()
+    teacher = None
+    if checked.teacher is not None:
+        from modelio.load import load_model
+
+        teacher = load_model(checked.teacher, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                             device=args.device)
+        report["teacher"] = checked.teacher
+        print(f"distilling from {checked.teacher} (temperature {args.distill_temperature}, alpha "
+              f"{args.distill_alpha})")
     peft_model, history = train_lora(model, tokenizer, records, lora_settings(args), output, checked.resume,
-                                     splits=checked.splits)
+                                     splits=checked.splits, teacher=teacher, distill=distill_settings(args))
+    del teacher
     if not main_process:
         return
     model = merged(peft_model)

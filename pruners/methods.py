@@ -267,7 +267,8 @@ def prune_model(model: nn.Module, tokenizer, settings: PruneSettings, log: Calla
     stages = {"trace": time.perf_counter() - start}
     selection = sublayer_selection(running.options, graph.num_layers)
     spaces = running.select(graph, selection)
-    record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=settings.as_record())
+    record = ActionRecord(method=settings.prune_method if method is None else "custom", settings=settings.as_record(),
+                          base_model=str(getattr(model.config, "_name_or_path", "") or ""))
     if budget:
         batches = _calibration(tokenizer, settings, running.samples(), batches)
         rule = graph.rule

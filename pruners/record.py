@@ -28,6 +28,7 @@ class ActionRecord:
     actions: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # the settings of the run, as resolved (method defaults in)
     parameters: dict = field(default_factory=dict)  # before, after, budget
+    base_model: str = ""  # what was pruned (a name or folder from_pretrained reads): the teacher of distillation
 
     def add(self, action: str, **fields) -> None:
         if action not in ACTIONS:
@@ -58,8 +59,8 @@ class ActionRecord:
         return touched
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "method": self.method, "settings": self.settings,
-                "parameters": self.parameters, "actions": self.actions}
+        return {"format": FORMAT, "version": VERSION, "method": self.method, "base_model": self.base_model,
+                "settings": self.settings, "parameters": self.parameters, "actions": self.actions}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ActionRecord":
@@ -69,7 +70,7 @@ class ActionRecord:
             raise ValueError(f"compression record version {data['version']} is newer than this project reads "
                              f"({VERSION}): upgrade structprune")
         return cls(method=data.get("method", ""), actions=list(data["actions"]), settings=data.get("settings", {}),
-                   parameters=data.get("parameters", {}))
+                   parameters=data.get("parameters", {}), base_model=data.get("base_model", ""))
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / RECORD_FILE

@@ -138,3 +138,73 @@ def finite_json(value: object, **options) -> str:
     """JSON text every strict parser reads (report.json): NaN and infinities become null, where ``json.dumps``
     would write the non-standard NaN / Infinity literals. ``options`` go to ``json.dumps`` (default: str)."""
     return json.dumps(finite(value), allow_nan=False, **{"default": str, **options})
+
+
+TEXT_SUFFIXES = (".txt",)
+
+
+def is_plain_text(data_path: str | os.PathLike) -> bool:
+    """A plain-text source for distillation: a ``.txt`` file, or a calibration set's name (``bookcorpus``)."""
+    from corpora.sources import CALIBRATION_SETS
+
+    return str(data_path) in CALIBRATION_SETS or Path(data_path).suffix.lower() in TEXT_SUFFIXES
+
+
+def text_documents(data_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Documents of a plain-text source: a calibration set's documents, or a file's blank-line-separated
+    passages."""
+    from corpora.sources import CALIBRATION_SETS, calibration_texts
+
+    if str(data_path) in CALIBRATION_SETS:
+        return calibration_texts(str(data_path), data_dir=data_dir)
+    path = Path(data_path).expanduser()
+    if not path.is_file():
+        from corpora import DataNotFoundError
+
+        raise DataNotFoundError(f"--data_path {data_path} is not a file: pass a .txt file, an Alpaca-format JSON, "
+                                f"or a calibration set name (bookcorpus)")
+    try:
+        text = read_text(path)
+    except DataFormatError as error:
+        raise NotAlpacaData(str(error)) from None
+    return [passage.strip() for passage in text.split("\n\n") if passage.strip()]
+
+
+def check_not_evaluation(documents: list[str], data_dir: str | os.PathLike | None = None,
+                         probes: int = 64, length: int = 120) -> None:
+    """Refuse training text that holds evaluation text (WikiText-2 or PTB test, the zero-shot tasks): a few
+    hundred-character pieces of each must appear nowhere in it."""
+    from corpora.sources import evaluation_text, resolve_data_dir
+
+    joined = "\n".join(documents)
+    sources = {}
+    for name in ("wikitext2", "ptb"):
+        try:
+            sources[name] = evaluation_text(name, data_dir=data_dir)
+        except Exception:  # no such set here (offline without the file): nothing to compare with
+            continue
+    folder = resolve_data_dir(data_dir)
+    if folder is not None:
+        for task in sorted((Path(folder) / "zeroshot").glob("*.jsonl")):
+            sources[f"zero-shot {task.stem.split('.')[0]}"] = read_text(task)
+    for name, text in sources.items():
+        lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= length]
+        step = max(1, len(lines) // probes)
+        for line in lines[::step][:probes]:
+            if line[:length] in joined:
+                raise ValueError(f"the training text holds {name} evaluation text ({line[:40]!r}...): never train "
+                                 f"on what is measured; pass other --data_path text")
+
+
+def text_windows(documents: list[str], tokenizer, cutoff_len: int) -> list[dict]:
+    """The documents tokenized, joined (an end-of-text token between two), and cut into windows of ``cutoff_len``
+    tokens; the last window keeps the remainder, so every token of every document is in exactly one window, in
+    order. Labels are the tokens themselves (distillation needs none; the language-modelling part uses them)."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for index, document in enumerate(documents):
+        if index and separator:
+            stream += separator
+        stream += tokenizer(document, add_special_tokens=False)["input_ids"]
+    windows = [stream[start:start + cutoff_len] for start in range(0, len(stream), cutoff_len)]
+    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)} for ids in windows if len(ids) > 1]

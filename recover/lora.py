@@ -125,8 +125,9 @@ def tokenized_splits(records: list[dict], tokenizer, settings: LoraSettings, log
     from datasets import Dataset
 
     train, validation = split(records, settings.val_set_size, settings.seed)
-    encode = lambda rows: [tokenize(r, tokenizer, settings.cutoff_len, settings.train_on_inputs,  # noqa: E731
-                                    settings.add_eos_token) for r in rows]
+    encode = lambda rows: [r if "input_ids" in r else  # noqa: E731 (plain-text windows come tokenized)
+                           tokenize(r, tokenizer, settings.cutoff_len, settings.train_on_inputs, settings.add_eos_token)
+                           for r in rows]
     kept_train, kept_validation = _learnable(encode(train)), _learnable(encode(validation))
     if not kept_train:
         raise ValueError(f"--cutoff_len {settings.cutoff_len} cuts off every response, so nothing would be "
@@ -326,12 +327,14 @@ def _completion_callback(keep: int = KEEP_CHECKPOINTS):
 
 
 def train_lora(model: nn.Module, tokenizer, records: list[dict], settings: LoraSettings, output_dir: str | Path,
-               resume_from_checkpoint: str | bool | None = None, *, splits=None, callbacks: list | None = None):
+               resume_from_checkpoint: str | bool | None = None, *, splits=None, callbacks: list | None = None,
+               teacher: nn.Module | None = None, distill=None):
     """Fine-tune LoRA adapters on Alpaca ``records`` with transformers' Trainer (gradient accumulation,
     periodic validation loss, checkpoints in ``output_dir``/checkpoints, each marked complete once written,
     resumable: True or "last" for the newest complete one, see ``resolve_checkpoint``). ``splits``: the
     (train, validation) of ``tokenized_splits``, if already made. Returns (peft model, the Trainer's log
-    history)."""
+    history). With ``teacher`` (and ``distill``, a ``recover.distill.DistillSettings``) the loss is the
+    distillation loss against that frozen model."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     settings.check()
@@ -353,9 +356,16 @@ def train_lora(model: nn.Module, tokenizer, records: list[dict], settings: LoraS
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False, bf16=settings.bf16,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-    trainer = Trainer(model=peft_model, args=arguments, train_dataset=train, eval_dataset=validation,
-                      data_collator=collator, processing_class=tokenizer,
-                      callbacks=[_completion_callback(), *(callbacks or [])])
+    extra = {}
+    trainer_class = Trainer
+    if teacher is not None:
+        from recover.distill import DistillSettings, distillation_trainer_class
+
+        trainer_class = distillation_trainer_class()
+        extra = {"teacher": teacher, "distill": distill or DistillSettings(distill=True)}
+    trainer = trainer_class(model=peft_model, args=arguments, train_dataset=train, eval_dataset=validation,
+                            data_collator=collator, processing_class=tokenizer,
+                            callbacks=[_completion_callback(), *(callbacks or [])], **extra)
     peft_model.train()
     trainer.train(resume_from_checkpoint=resume)
     peft_model.eval()
