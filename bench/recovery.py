@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -40,12 +41,21 @@ METHODS: dict[str, dict] = {
 }
 SHORT = {"max_records": 1000, "num_epochs": 1, "batch_size": 16, "micro_batch_size": 4, "val_set_size": 100,
          "eval_steps": 20, "logging_steps": 2, "save_steps": 1000}
+TEXT = {"data_path": "bookcorpus", "cutoff_len": 128, "max_records": 1000, "num_epochs": 1, "batch_size": 16,
+        "micro_batch_size": 8, "val_set_size": 32, "eval_steps": 25, "logging_steps": 2, "save_steps": 1000,
+        "learning_rate": 1e-3, "bf16": True}
 # post_training.py flags of each recipe; LLM-Pruner's own defaults except where the recipe says otherwise
 RECIPES: dict[str, dict] = {
     "llm_pruner": SHORT,  # lr 3e-4, r 8, loss on the response only
     "short": {**SHORT, "learning_rate": 1e-3, "train_on_inputs": True},
     # the same under bf16 autocast (faster on CPUs with AVX512-BF16, as this one has)
     "short-bf16": {**SHORT, "learning_rate": 1e-3, "train_on_inputs": True, "bf16": True},
+    # distillation from the base model (the record names it) on the calibration corpus packed into 128-token
+    # windows, and the plain language-modelling loss on the same windows
+    "distill-text": {**TEXT, "distill": True},
+    "lm-text": TEXT,
+    # more windows (within 30 passes of wall time) at twice the learning rate
+    "distill-text-1400": {**TEXT, "distill": True, "max_records": 1400, "learning_rate": 2e-3},
 }
 
 
@@ -76,7 +86,9 @@ def run_one(method: str, recipe: str, work: Path, zeroshot_limit: int, max_token
     command = [sys.executable, "post_training.py", "--prune_model", str(source), "--output_dir", str(output),
                *flags(RECIPES[recipe]), *flags(evaluation)]
     print("   " + " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall_seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode))
     report = json.loads((output / "report.json").read_text())
@@ -85,7 +97,7 @@ def run_one(method: str, recipe: str, work: Path, zeroshot_limit: int, max_token
         "recovery_flags": RECIPES[recipe], **evaluation, "records": report["records"],
         "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
         "before": report["before"], "after": report["after"], "train_seconds": report["train_seconds"],
-        "peak_rss_mib": report["peak_rss_mib"],
+        "peak_rss_mib": report["peak_rss_mib"], "wall_seconds": round(wall_seconds, 1),
         "history": [{k: e[k] for k in ("step", "loss", "eval_loss") if k in e} for e in report["history"]
                     if "loss" in e or "eval_loss" in e],
         "date": date.today().isoformat(), "machine": f"{platform.machine()} CPU, 2 threads",
@@ -110,11 +122,30 @@ def cell(figures: dict, key: str) -> str:
     return f"{figures[key]:.2f}" if key in figures else "–"
 
 
+def _wall(row: dict) -> str:
+    """The command's wall time, and as a multiple of the dense pass measured in the same bench run."""
+    if "wall_seconds" not in row:
+        return "–"
+    ratio = f" ({row['wall_seconds'] / row['pass_seconds']:.1f} ×)" if row.get("pass_seconds") else ""
+    return f"{row['wall_seconds'] / 60:.1f} min{ratio}"
+
+
+def dense_pass_seconds() -> float:
+    """One 32,768-token WikiText-2 pass of the dense model in this process (bench/costs.py), 2 threads."""
+    import torch
+
+    from costs import wikitext_pass_seconds
+    from modelio import load_model_and_tokenizer
+
+    torch.set_num_threads(2)
+    return wikitext_pass_seconds(*load_model_and_tokenizer("smollm2-135m"))
+
+
 def write_table() -> None:
     reference = dense()
     lines = ["| method | recipe | WT2 PPL before → after (× dense) | PTB PPL before → after | zero-shot mean before → "
-             "after | records | train time (min) | peak RSS (MiB) | tokens evaluated |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "after | records | train time (min) | wall (× pass) | peak RSS (MiB) | tokens evaluated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(latest_rows(), key=lambda r: (-r["max_tokens"], r["method"], r["recipe"]))
     for row in rows:
         before, after = row["before"], row["after"]
@@ -122,17 +153,21 @@ def write_table() -> None:
             f"| {row['method']} | {row['recipe']} | {before['wikitext2']:.2f} → **{after['wikitext2']:.2f}** "
             f"({after['wikitext2'] / reference['wikitext2']:.2f} ×) | {cell(before, 'ptb')} → {cell(after, 'ptb')} | "
             f"{cell(before, 'zeroshot_mean')} → {cell(after, 'zeroshot_mean')} | {row['records']} | "
-            f"{row['train_seconds'] / 60:.1f} | {row['peak_rss_mib']} | {row['max_tokens']:,} |")
+            f"{row['train_seconds'] / 60:.1f} | {_wall(row)} | {row['peak_rss_mib']} | {row['max_tokens']:,} |")
     used = {row["recipe"] for row in rows}
     recipes = "; ".join(f"`{name}`: {' '.join(flags(settings))}" for name, settings in RECIPES.items() if name in used)
     machines = sorted({f"{r['machine']}, {r['date']}" for r in rows})
     TABLE.write_text(
         f"SmolLM2-135M-Instruct pruned by 20% of all parameters, then LoRA (r 8, alpha 16, every projection) on "
-        f"`instruct/instruct_mix.json` of the data directory; perplexity at seq 128 on the first tokens evaluated; "
+        f"`instruct/instruct_mix.json` of the data directory, or on the calibration passages packed into 128-token "
+        f"windows (`--data_path bookcorpus`), with the plain loss or distilled from the dense model (`--distill "
+        f"True`); perplexity at seq 128 on the first tokens evaluated; "
         f"dense WT2 {reference['wikitext2']:.2f}, PTB {reference['ptb']:.2f}, zero-shot mean "
         f"{reference['zeroshot_mean']:.2f} (200 documents a task). Recipes (post_training.py flags): {recipes}. "
         f"Produced by `python bench/recovery.py` on {'; '.join(machines)}; train time includes the periodic "
-        "validation loss.\n\n" + "\n".join(lines) + "\n")
+        "validation loss; wall time is the whole post_training.py command (loading, perplexity before and after, "
+        "training, saving), with its multiple of one 32,768-token WikiText-2 pass of the dense model measured in the "
+        "same bench run where there is one.\n\n" + "\n".join(lines) + "\n")
 
 
 def plot() -> Path:
@@ -180,13 +215,16 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown {unknown}; methods: {', '.join(METHODS)}; recipes: {', '.join(RECIPES)}")
         done = set() if args.redo else {setting(r) for r in latest_rows()}
+        pass_seconds = None
         for method in methods:
             for recipe in recipes:
                 if (method, recipe, args.max_tokens, args.zeroshot_limit) in done:
                     continue
                 print(f"== {method}, recipe {recipe}", flush=True)
+                pass_seconds = pass_seconds or round(dense_pass_seconds(), 1)
                 try:
-                    row = run_one(method, recipe, Path(args.work), args.zeroshot_limit, args.max_tokens)
+                    row = {**run_one(method, recipe, Path(args.work), args.zeroshot_limit, args.max_tokens),
+                           "pass_seconds": pass_seconds}
                 except (RuntimeError, subprocess.CalledProcessError) as error:
                     print(f"   failed: {getattr(error, 'stderr', None) or error}", flush=True)
                     continue
