@@ -27,7 +27,8 @@ from corpora import DataNotFoundError, resolve_data_dir
 from corpora.sources import EVALUATION_SETS, evaluation_text
 from hf_prune import Parser, comma_list, fail, rounded, str_to_bool, timed
 from hf_prune import measure as measure_perplexity
-from modelio import ModelNotFoundError, UnsafeSaveError, load_model_and_tokenizer, load_tokenizer, save_model
+from modelio import (ModelNotFoundError, UnsafeSaveError, load_model, load_model_and_tokenizer, load_tokenizer,
+                     save_model)
 from modelio.load import resolve_model_path
 from modelio.outputs import Output, overlaps, replace_file, write_text_atomically
 from modelio.outputs import check_outputs as check_output_paths
@@ -235,8 +236,6 @@ def run(model, tokenizer, checked: Checked, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     teacher = None
     if checked.teacher is not None:
-        from modelio.load import load_model
-
         teacher = load_model(checked.teacher, dtype=torch.bfloat16 if args.bf16 else torch.float32,
                              device=args.device)
         report["teacher"] = checked.teacher

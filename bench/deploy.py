@@ -35,15 +35,22 @@ MAX_TOKENS, SEQ_LEN = 32768, 128
 DECODE_TOKENS, REPEATS = 256, 3
 
 
+def wikitext_windows(tokenizer):
+    """The perplexity windows (first 32,768 WikiText-2 tokens, seq 128), as ``evaluation.perplexity`` cuts them."""
+    from corpora import evaluation_text
+    from evaluation.perplexity import token_windows
+
+    ids = tokenizer(evaluation_text("wikitext2"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return token_windows(ids, SEQ_LEN, MAX_TOKENS)
+
+
 def measure(name: str, ratio: float, work: Path, method: str, reuse: bool) -> dict:
     """Prune (or reuse the folder a previous run saved), save, export at f16 and q8_0, and measure perplexity
     with both engines; the speeds come after, for all files together (``add_speeds``)."""
     import torch
 
-    from corpora import evaluation_text
     from evaluation import perplexity
     from evaluation.llama_cpp import gguf_perplexity
-    from evaluation.perplexity import token_windows
     from modelio import load_model_and_tokenizer, save_model
     from modelio.export_gguf import export_gguf
     from pruners import count_parameters, flat_settings, prune_model
@@ -62,8 +69,7 @@ def measure(name: str, ratio: float, work: Path, method: str, reuse: bool) -> di
     row["ppl_transformers"] = round(perplexity(model, tokenizer, "wikitext2", seq_len=SEQ_LEN, max_tokens=MAX_TOKENS,
                                                progress=False), 2)
     del model
-    ids = tokenizer(evaluation_text("wikitext2"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    windows = token_windows(ids, SEQ_LEN, MAX_TOKENS)
+    windows = wikitext_windows(tokenizer)
     for outtype in ("f16", "q8_0"):
         summary = export_gguf(folder, work / f"{name}.{outtype}.gguf", outtype, overwrite=True, log=lambda _: None)
         row[f"mib_{outtype}"] = round(summary.path.stat().st_size / 2**20, 1)
@@ -71,19 +77,19 @@ def measure(name: str, ratio: float, work: Path, method: str, reuse: bool) -> di
                    padded_parameters=summary.padded_parameters)
     # q8_0 matrix products crash this machine's llama.cpp build (its own quantized files too): f16 only
     row["ppl_llama_cpp_f16"] = round(gguf_perplexity(work / f"{name}.f16.gguf", windows, progress=False), 2)
-    row["prompt"] = windows[0].tolist()
-    print(json.dumps({k: v for k, v in row.items() if k != "prompt"}), flush=True)
+    print(json.dumps(row), flush=True)
     return row
 
 
 def add_speeds(rows: list[dict], work: Path) -> None:
-    """Prompt and decode tokens/s of every f16 file, measured in rounds over all of them (the same prompt)."""
+    """Prompt and decode tokens/s of every f16 file, measured in rounds over all of them (the same prompt: the
+    first perplexity window)."""
     from evaluation.llama_cpp import gguf_speeds
+    from modelio import load_tokenizer
 
-    prompt = rows[0]["prompt"]
+    prompt = wikitext_windows(load_tokenizer(work / rows[0]["run"]))[0].tolist()
     speeds = gguf_speeds([work / f"{row['run']}.f16.gguf" for row in rows], prompt, DECODE_TOKENS, REPEATS)
     for row, speed in zip(rows, speeds):
-        row.pop("prompt")
         row.update(prompt_tps_f16=round(speed.prompt_tokens_per_second, 1),
                    decode_tps_f16=round(speed.decode_tokens_per_second, 1), prompt_tokens=speed.prompt_tokens,
                    decode_tokens=speed.decode_tokens, repeats=speed.repeats)

@@ -12,9 +12,9 @@ weights are read: factorized projections (LoRAP, SVD-LLM, the default), value he
 (FLAT-LLM), families whose layer is not LLaMA's. A factorized model may be exported with its factors multiplied
 back (``--dense_factors``): the command says how many parameters that adds.
 
-One corner of the ``deci`` graph is worked around rather than refused: a layer whose MLP lost every channel (the
-graph would drop that layer's attention output) gets a one-channel MLP of zeros, which adds 3 x hidden zero
-parameters and changes no output.
+MLP widths are padded with zero channels to a multiple of ``--pad_mlp_to`` (32), which changes no output: llama.cpp's
+fast kernels and q8_0's blocks want that, and a layer whose MLP lost every channel (the ``deci`` graph would drop
+that layer's attention output) gets zero channels the same way.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import gguf
 import numpy as np
 import torch
 from torch import nn
 
+from modelio.load import ModelNotFoundError
 from modelio.outputs import Output, UnsafeSaveError, check_outputs, replace_file
 
 # Families whose decoder layer is LLaMA's (pre-norm RMSNorm, rotary attention, SiLU-gated MLP, optional
@@ -52,7 +53,7 @@ class ExportRefused(ValueError):
 
 @dataclass
 class LayerSizes:
-    """One decoder layer as llama.cpp's header describes it (0 heads: no attention; 0 feed-forward: no MLP)."""
+    """One decoder layer as llama.cpp's header describes it."""
 
     heads: int
     kv_heads: int
@@ -129,6 +130,7 @@ def _tokenizer_file(folder: Path) -> dict:
     if model_type != "BPE":
         raise ExportRefused(f"a {model_type} tokenizer is not exported (byte-level or byte-fallback BPE only)")
     if not tokenizer["model"].get("byte_fallback") and not tokenizer["model"].get("merges"):
+        # llama.cpp refuses a BPE vocabulary without merges, and GGUF has no empty arrays
         raise ExportRefused("the tokenizer has no BPE merges, which llama.cpp's BPE vocabulary requires: "
                             "cannot export")
     return tokenizer
@@ -170,7 +172,7 @@ def pre_tokenizer_name(tokenizer: dict) -> str | None:
 def _embedded_pre(tokens: list[str]) -> str | None:
     """The pre-tokenizer name the embedded model's own GGUF carries, when ``tokens`` are its vocabulary (its
     transformers conversion keeps the merges but not the digit splitting)."""
-    from modelio.load import EMBEDDED_MODELS, ModelNotFoundError, _gguf_location
+    from modelio.load import EMBEDDED_MODELS, _gguf_location
 
     for spec in EMBEDDED_MODELS.values():
         try:
@@ -232,12 +234,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> l
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
-    if not byte_fallback:
-        merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in tokenizer["model"].get("merges", [])]
-        if not merges:  # llama.cpp refuses a BPE vocabulary without them, and GGUF has no empty arrays
-            raise ExportRefused("the tokenizer has no BPE merges, which llama.cpp's BPE vocabulary requires: "
-                                "cannot export")
-        writer.add_token_merges(merges)
+    if not byte_fallback:  # _tokenizer_file refused a byte-level vocabulary without merges
+        writer.add_token_merges([" ".join(pair) if isinstance(pair, list) else pair
+                                 for pair in tokenizer["model"]["merges"]])
     special.add_to_gguf(writer, quiet=True)
     return notes
 
@@ -456,7 +455,7 @@ def write_gguf(model: nn.Module, tokenizer_folder: str | Path, target: str | Pat
     if padded:
         notes.append(f"MLP widths padded with {padded:,} zero channels to multiples of {pad_mlp_to} "
                      f"(+{padded_parameters:,} zero parameters; exact, and llama.cpp's fast kernels apply)")
-    uniform = all(s == sizes[0] for s in sizes) and sizes[0].heads > 0 and sizes[0].feed_forward > 0
+    uniform = all(s == sizes[0] for s in sizes)  # every layer has heads and, padded, an MLP
     architecture = "llama" if uniform else "deci"
     file_type, qtype = OUTTYPES[outtype]
     with replace_file(target) as temporary:
@@ -500,7 +499,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         summary = export_gguf(args.model_dir, args.outfile, args.outtype, args.dense_factors, args.overwrite,
                               pad_mlp_to=args.pad_mlp_to)
-    except (ExportRefused, UnsafeSaveError, FileNotFoundError) as error:
+    except (ExportRefused, UnsafeSaveError, ModelNotFoundError) as error:  # a corrupt or truncated folder too
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(summary.line())

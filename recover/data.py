@@ -174,6 +174,7 @@ def check_not_evaluation(documents: list[str], data_dir: str | os.PathLike | Non
                          probes: int = 64, length: int = 120) -> None:
     """Refuse training text that holds evaluation text (WikiText-2 or PTB test, the zero-shot tasks): a few
     hundred-character pieces of each must appear nowhere in it."""
+    from corpora import DataNotFoundError
     from corpora.sources import evaluation_text, resolve_data_dir
 
     joined = "\n".join(documents)
@@ -181,7 +182,7 @@ def check_not_evaluation(documents: list[str], data_dir: str | os.PathLike | Non
     for name in ("wikitext2", "ptb"):
         try:
             sources[name] = evaluation_text(name, data_dir=data_dir)
-        except Exception:  # no such set here (offline without the file): nothing to compare with
+        except DataNotFoundError:  # no such set here (offline without the file): nothing to compare with
             continue
     folder = resolve_data_dir(data_dir)
     if folder is not None:
@@ -199,7 +200,8 @@ def check_not_evaluation(documents: list[str], data_dir: str | os.PathLike | Non
 def text_windows(documents: list[str], tokenizer, cutoff_len: int) -> list[dict]:
     """The documents tokenized, joined (an end-of-text token between two), and cut into windows of ``cutoff_len``
     tokens; the last window keeps the remainder, so every token of every document is in exactly one window, in
-    order. Labels are the tokens themselves (distillation needs none; the language-modelling part uses them)."""
+    order (but a last window of a single token, which has no next token to learn, is dropped). Labels are the
+    tokens themselves (distillation needs none; the language-modelling part uses them)."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for index, document in enumerate(documents):

@@ -1,7 +1,6 @@
 """GGUF export: pruned models load in llama.cpp (llama-cpp-python) with the logits transformers computes."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from modelio.export_gguf import ExportRefused, export_gguf, pre_tokenizer_name, 
 from pruners.compensation import compensate_bias
 from pruners.statistics import collect_input_statistics
 from tests.conftest import _randomized, family_config
-from tests.test_cli import no_heavy_work  # noqa: F401 (a fixture)
+from tests.test_cli import no_heavy_work  # noqa: F401,F811 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = [5, 17, 200, 33, 64, 101, 7, 250, 12, 90, 140, 3]
@@ -325,7 +324,7 @@ def test_hf_prune_refuses_a_factorizing_method_before_any_work(merge_folder, tmp
 
 def sentencepiece_tokenizer():
     """A SentencePiece-style BPE (LLaMA-2, Mistral): '▁' for spaces, byte fallback, merges in id order."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
