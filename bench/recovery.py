@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from methods import RUNS, latest_rows as recorded_rows  # bench/methods.py, beside this script
+from modelio.outputs import replace_file, write_text_atomically  # noqa: E402 (methods puts the project on the path)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "recovery.jsonl"
@@ -157,7 +158,7 @@ def write_table() -> None:
     used = {row["recipe"] for row in rows}
     recipes = "; ".join(f"`{name}`: {' '.join(flags(settings))}" for name, settings in RECIPES.items() if name in used)
     machines = sorted({f"{r['machine']}, {r['date']}" for r in rows})
-    TABLE.write_text(
+    write_text_atomically(TABLE,
         f"SmolLM2-135M-Instruct pruned by 20% of all parameters, then LoRA (r 8, alpha 16, every projection) on "
         f"`instruct/instruct_mix.json` of the data directory, or on the calibration passages packed into 128-token "
         f"windows (`--data_path bookcorpus`), with the plain loss or distilled from the dense model (`--distill "
@@ -194,7 +195,8 @@ def plot() -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     PLOT.parent.mkdir(exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    with replace_file(PLOT) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
     return PLOT
 
