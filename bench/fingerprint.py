@@ -3,6 +3,7 @@ ids, so that a refactor can show it changed no plan and no number.
 
     python -m bench.fingerprint            # writes tests/data/fingerprints.json
     python -m bench.fingerprint --check    # compares against it (what tests/test_fingerprints.py does)
+    python -m bench.fingerprint --changed  # rewrites only the runs that are new or differ
 
 A run is a method with flat keyword options (``pruners.options.flat_settings`` splits them), an architecture
 of ``tests/conftest.py`` and a ratio. A run the library refuses is fingerprinted by its error message.
@@ -30,9 +31,9 @@ CALIBRATION = dict(nsamples=8, num_examples=4)
 # (method, flat options) run on every tiny architecture at every ratio
 BASE = ("llm_pruner", "flap", "flap_refit", "wanda_sp", "mag_sp", "lorap", "whitened_lorap", "flatllm", "svd_llm",
         "layer_wise")
-# (method, flat options) run on every tiny architecture at every ratio as well: the loss curves that were the
-# default's own allocation until 2026-12-06
-ACROSS: list[tuple[str, dict]] = [("whitened_lorap", dict(allocation="loss"))]
+# (method, flat options) run on every tiny architecture at every ratio as well: the loss curves re-run through
+# every later layer that were the default's own allocation until 2026-12-06
+ACROSS: list[tuple[str, dict]] = [("whitened_lorap", dict(loss_probe="rerun", reconstruct_epochs=0))]
 # options off the methods' defaults, run on llama at 0.2
 VARIANTS: list[tuple[str, dict]] = [
     ("llm_pruner", dict(pruner_type="l2")),
@@ -63,9 +64,15 @@ VARIANTS: list[tuple[str, dict]] = [
     ("lorap", dict(refit=True, propagate="corrected")),
     ("lorap", dict(allocation="loss", loss_windows=4, loss_levels=(0.25, 0.5))),
     ("lorap", dict(allocation="loss", loss_windows=4, loss_heldout=True)),
-    ("whitened_lorap", dict(allocation="loss", loss_windows=4)),
-    ("whitened_lorap", dict(allocation="loss", loss_windows=4, para_allocate=2.0, propagate="dense")),
-    ("whitened_lorap", dict(allocation="loss", loss_probe="fisher", loss_windows=4)),
+    ("whitened_lorap", dict(loss_probe="rerun", loss_windows=4, reconstruct_epochs=0)),
+    ("whitened_lorap", dict(loss_probe="rerun", loss_windows=4, para_allocate=2.0, propagate="dense",
+                            reconstruct_epochs=0)),
+    ("whitened_lorap", dict(loss_windows=4, reconstruct_epochs=0)),
+    ("whitened_lorap", dict(allocation="method", reconstruct_epochs=0)),  # the default of 2026-12-06
+    ("whitened_lorap", dict(reconstruct_epochs=3, reconstruct_windows=4, reconstruct_lr=1e-3)),
+    ("lorap", dict(deco_method="SVDLLM", refit=True, propagate="compressed", reconstruct_epochs=2)),
+    ("flap", dict(refit=True, propagate="compressed", sublayer="self_attn,mlp", reconstruct_epochs=2)),
+    ("flatllm", dict(reconstruct_epochs=1)),
     ("flap", dict(allocation="loss", loss_probe="fisher", sublayer="self_attn,mlp", loss_windows=4)),
     ("svd_llm", dict(rank_allocation="truncation")),
     ("svd_llm", dict(allocation="loss", loss_windows=4)),
@@ -155,8 +162,16 @@ def differences(stored, now, where: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the stored fingerprints")
+    parser.add_argument("--changed", action="store_true", help="write only the runs that are new or differ from "
+                                                               "the stored ones (the others keep their numbers)")
     args = parser.parse_args(argv)
     found = compute()
+    if args.changed:
+        stored = json.loads(FILE.read_text())
+        now = json.loads(json.dumps(found))
+        found = {name: stored[name] if name in stored and not differences(stored[name], value) else value
+                 for name, value in now.items()}
+        print(f"{sum(found[name] is now[name] for name in now)} runs new or changed")
     if args.check:
         stored = json.loads(FILE.read_text())
         problems = differences(stored, json.loads(json.dumps(found)))

@@ -20,6 +20,7 @@ from pruners.lorap import RANK_ALLOCATIONS, SharedFraction
 from pruners.loss_allocation import ALLOCATIONS, PROBES, LossDriven
 from pruners.options import Options, option
 from pruners.pipeline import PROPAGATIONS
+from pruners.reconstruct import Reconstruct
 from pruners.refit import Refit
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ CLI_PROPAGATIONS = tuple(p for p in PROPAGATIONS if p != "corrected")  # correct
 REFIT = (lambda o: o.refit, "with --refit True")
 LOSS = (lambda o: o.allocation == "loss", "with --allocation loss")
 METHOD_RULE = (lambda o: o.allocation != "loss", "with --allocation method")
+RECONSTRUCT = (lambda o: o.reconstruct_epochs > 0, "with --reconstruct_epochs 1 or more")
 
 
 def _sublayers(text: str) -> set[str]:
@@ -97,12 +99,33 @@ class BlockOptions(MethodOptions):
                                      "compressed attention; corrected (Python only): compressed, with the fits aimed at "
                                      "the dense model's outputs", choices=PROPAGATIONS, cli_choices=CLI_PROPAGATIONS)
 
+    reconstruct_epochs: int = option(0, "local reconstruction: epochs of Adam on each compressed layer's remaining "
+                                        "weights towards its outputs before compression, on the first "
+                                        "--reconstruct_windows calibration windows (0: off)", block_only=True)
+    reconstruct_windows: int = option(96, "calibration windows each layer is reconstructed on (the first ones; all "
+                                          "--nsamples when fewer; the next 16 check that it improved)",
+                                      block_only=True, when=RECONSTRUCT)
+    reconstruct_lr: float = option(3e-4, "peak learning rate of the local reconstruction (cosine decay to zero)",
+                                   block_only=True, when=RECONSTRUCT)
+
     @property
     def propagation(self) -> str:
         return self.propagate
 
+    def reconstruction(self) -> list[Action]:
+        """The local reconstruction step (after the layer actions of the same pass), when it is on."""
+        if self.reconstruct_epochs <= 0 or self.mode != "block":
+            return []
+        return [Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_windows)]
+
     def validate(self) -> None:
         super().validate()
+        if self.reconstruct_epochs < 0:
+            raise ValueError(f"--reconstruct_epochs must be at least 0, got {self.reconstruct_epochs}")
+        if self.reconstruct_windows < 1:
+            raise ValueError(f"--reconstruct_windows must be at least 1, got {self.reconstruct_windows}")
+        if self.reconstruct_epochs and not self.reconstruct_lr > 0:
+            raise ValueError(f"--reconstruct_lr must be positive, got {self.reconstruct_lr}")
         if not _sublayers(self.sublayer) or not _sublayers(self.sublayer) <= set(SUBLAYERS):
             raise ValueError(f"--sublayer must name self_attn and/or mlp, got '{self.sublayer}'")
         for name in ("block_attention_layer_start", "block_mlp_layer_start"):
@@ -195,6 +218,9 @@ class RemovalOptions(LossAllocationOptions):
             raise ValueError(f"--round_to must be at least 1, got {self.round_to}")
         if self.remove_heads >= 0 and self.mode == "block" and "self_attn" not in self.sublayers:
             raise ValueError("--remove_heads needs attention selected: add --sublayer self_attn,mlp")
+        if self.reconstruct_epochs and not self.refit:
+            raise ValueError("--reconstruct_epochs needs --refit True: the layers are reconstructed in the refit's "
+                             "pass, where each already computes what its pruned form will")
 
     def select(self, graph: DependencyGraph, selection: dict[str, list[int]]) -> list[Space]:
         """Heads (or kv groups, --gqa_policy) and MLP channels of the selected layers; the hidden width in channel
@@ -220,8 +246,9 @@ class RemovalOptions(LossAllocationOptions):
         return ByUnits(self.structure, self.round_to)
 
     def actions(self, settings: PruneSettings) -> list[Action]:
-        """Removal, after a least-squares refit of what loses input columns when --refit is on."""
-        return ([Refit()] if self.refit else []) + [RemoveStructures()]
+        """Removal, after a least-squares refit of what loses input columns when --refit is on (and the local
+        reconstruction of each refitted layer)."""
+        return ([Refit(), *self.reconstruction()] if self.refit else []) + [RemoveStructures()]
 
     def estimator(self, settings: PruneSettings) -> Estimator:
         return ActivationEstimator("wanda_sp")
@@ -270,7 +297,7 @@ class LLMPrunerOptions(RemovalOptions):
 
 def _compensated(options: RemovalOptions, compensate: bool) -> list[Action]:
     if options.refit:  # a refit with an intercept includes the bias compensation
-        return [Refit(intercept=compensate), RemoveStructures()]
+        return [Refit(intercept=compensate), *options.reconstruction(), RemoveStructures()]
     return ([CompensateBias()] if compensate else []) + [RemoveStructures()]
 
 
@@ -389,8 +416,9 @@ class LorapOptions(FactorizingOptions):
         """Factorize the attention; prune the MLP channels by --mlp_metric, or factorize the MLP (decom)."""
         actions: list[Action] = [Factorize("self_attn", self.deco_method, self.real_com, self.attention_metric)]
         if self.mlp_compress_method == "decom":
-            return actions + [Factorize("mlp", self.deco_method, self.real_com)]
-        return actions + [PruneChannels(ActivationEstimator(self.mlp_metric), self.round_to, self.refit)]
+            return actions + [Factorize("mlp", self.deco_method, self.real_com), *self.reconstruction()]
+        return actions + [PruneChannels(ActivationEstimator(self.mlp_metric), self.round_to, self.refit),
+                          *self.reconstruction()]
 
 
 @dataclass(frozen=True)
@@ -414,7 +442,7 @@ class FlatLLMOptions(BlockOptions):
         return ImportancePreserving()
 
     def actions(self, settings: PruneSettings) -> list[Action]:
-        return [RotateValues(), KeepChannelsRefit(self.flatllm_mlp_score)]
+        return [RotateValues(), KeepChannelsRefit(self.flatllm_mlp_score), *self.reconstruction()]
 
 
 @dataclass(frozen=True)
@@ -432,7 +460,7 @@ class SVDLLMOptions(FactorizingOptions):
 
     def actions(self, settings: PruneSettings) -> list[Action]:
         return [Factorize("self_attn", "SVDLLM", self.real_com, self.attention_metric),
-                Factorize("mlp", "SVDLLM", self.real_com)]
+                Factorize("mlp", "SVDLLM", self.real_com), *self.reconstruction()]
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,15 @@ METHODS: dict[str, Registered] = _register(
     Registered("mag_sp", MagSpOptions(), MagSpOptions.DESCRIPTION),
     Registered("lorap", LorapOptions(), LorapOptions.DESCRIPTION),
     Registered("whitened_lorap", LorapOptions(deco_method="SVDLLM", refit=True, propagate="compressed",
-                                              allocation="method", nsamples=512, loss_windows=64,
-                                              loss_levels=(0.125, 0.25, 0.5)),
+                                              allocation="loss", loss_probe="fisher", loss_windows=16,
+                                              loss_levels=(0.125, 0.25, 0.5), nsamples=256, reconstruct_epochs=2),
                "the default, chosen on held-out calibration text within a cost budget (bench/select_default.py): "
                "LoRAP with the attention factorized by the whitened, truncation-aware SVD (SVD-LLM) and MLP channels "
                "by Wanda-sp with the least-squares refit of down_proj, each layer calibrated on the compressed "
-               "outputs of the layers before it, LoRAP's shared fraction per sub-layer (--allocation method), on 512 "
-               "calibration windows; --allocation loss spreads the budget by measured loss instead (KL on 64 windows "
-               "at 12.5%, 25% and 50% of each sub-layer: better, about 13 times slower)",
+               "outputs of the layers before it, then reconstructed by 2 epochs of Adam towards its outputs before "
+               "compression (--reconstruct_epochs); the budget spread over sub-layers by measured loss (second-order "
+               "probes of the KL to the dense model on 16 windows at 12.5%, 25% and 50% of each sub-layer), on 256 "
+               "calibration windows",
                fixed=frozenset({"deco_method", "mlp_compress_method"})),
     Registered("flatllm", FlatLLMOptions(), FlatLLMOptions.DESCRIPTION),
     Registered("svd_llm", SVDLLMOptions(), SVDLLMOptions.DESCRIPTION),

@@ -121,8 +121,13 @@ class Placement:
 
     @contextmanager
     def __call__(self, layer: nn.Module) -> Iterator[nn.Module]:
-        """``layer`` there for the duration, then back where it was."""
-        home = next(layer.parameters()).device
+        """``layer`` there for the duration, then back where it was (a module without parameters, such as OLMo's
+        norm, stays as it is)."""
+        first = next(layer.parameters(), None)
+        if first is None:
+            yield layer
+            return
+        home = first.device
         target = self.device if self.device is not None else home
         if target != home:
             layer.to(target)

@@ -1,7 +1,8 @@
 """The record of a compression run: every action, in the order it was taken.
 
 Measured allocations (the loss-driven fractions and their curves), removals (elements of a space, whole
-layers), factorizations (module, rank, method), value rotations, least-squares refits and bias compensations.
+layers), factorizations (module, rank, method), value rotations, least-squares refits, bias compensations and
+local reconstructions (per layer: epochs, windows, the output error before and after on unseen windows).
 It is returned in the report, printed as the per-layer table, saved beside the model as readable JSON
 (``compression_record.json``), and read back by recovery, which re-factorizes at the recorded ranks.
 """
@@ -17,7 +18,7 @@ from depgraph import Plan
 RECORD_FILE = "compression_record.json"
 FORMAT = "structprune-record"
 VERSION = 1
-ACTIONS = ("allocate", "remove", "remove_layers", "factorize", "rotate", "refit", "compensate_bias")
+ACTIONS = ("allocate", "remove", "remove_layers", "factorize", "rotate", "refit", "compensate_bias", "reconstruct")
 
 
 @dataclass

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+GRAM_ROWS_IN_FLOAT32 = 4096  # rows of one batch's x^T x summed in float32 (the error grows with the rows)
+
 
 @dataclass
 class InputStatistics:
@@ -61,6 +63,17 @@ def _flat(args: tuple) -> torch.Tensor:
     return args[0].detach().reshape(-1, args[0].shape[-1]).double()
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of one batch ([tokens, width], as the module received it) in float64. A batch of at most
+    ``GRAM_ROWS_IN_FLOAT32`` rows that came in float32 or narrower is multiplied in float32, about twice as fast
+    on a CPU, with a relative error near 1e-6 (the sum over batches stays float64)."""
+    if x.dtype != torch.float64 and x.shape[0] <= GRAM_ROWS_IN_FLOAT32:
+        x = x.float()
+        return (x.T @ x).double()
+    x = x.double()
+    return x.T @ x
+
+
 def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moments: bool,
                      targets: dict[str, torch.Tensor] | None = None):
     def hook(module, args):
@@ -77,7 +90,7 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
         entry.total += x.sum(0).cpu()
         entry.total_sq += (x * x).sum(0).cpu()
         if second_moments:
-            gram = (x.T @ x).cpu()
+            gram = _gram(args[0].detach().reshape(-1, x.shape[1])).cpu()
             # in place: a copy of the sum would hold a third width x width float64 matrix beside the two
             entry.second_moment = gram if entry.second_moment is None else entry.second_moment.add_(gram)
             del gram

@@ -52,7 +52,8 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
     wanted = {"lorap": {"factorize", "remove"}, "flatllm": {"rotate", "remove", "refit"},
               "flap": {"compensate_bias", "remove"}, "layer_wise": {"remove_layers"},
               "svd_llm": {"factorize"}, "flap_refit": {"refit", "remove"},
-              "whitened_lorap": {"factorize", "remove", "refit"}}.get(method, {"remove"})
+              # the default spends by measured loss: on a tiny model it may leave an attention whole
+              "whitened_lorap": {"allocate", "remove", "refit", "reconstruct"}}.get(method, {"remove"})
     assert wanted <= _kinds(saved), (method, arch, _kinds(saved))
     reloaded = load_model(folder)
     for entry in saved.of("factorize"):  # every recorded factorization is in the saved model at its rank
@@ -65,8 +66,10 @@ def test_every_method_writes_its_record_beside_the_model(method, arch, batches, 
 def test_a_preset_fills_only_what_the_user_left_unset():
     default = flat_settings().options
     assert (flat_settings().prune_method, default.deco_method, default.sublayer, default.refit, default.nsamples,
-            default.propagate, default.allocation, default.loss_windows, default.loss_levels) == (
-        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 512, "compressed", "method", 64, (0.125, 0.25, 0.5))
+            default.propagate, default.allocation, default.loss_probe, default.loss_windows, default.loss_levels,
+            default.reconstruct_epochs, default.reconstruct_windows) == (
+        "whitened_lorap", "SVDLLM", "self_attn,mlp", True, 256, "compressed", "loss", "fisher", 16,
+        (0.125, 0.25, 0.5), 2, 96)
     flap_refit = flat_settings(prune_method="flap_refit").options
     assert (flap_refit.structure, flap_refit.sublayer, flap_refit.refit, flap_refit.nsamples,
             flap_refit.propagate) == ("AL-AM", "self_attn,mlp", True, 512, "compressed")
@@ -98,8 +101,10 @@ def test_whitened_lorap_is_lorap_with_its_settings_spelled_out(batches):
     """A method's defaults and fixed settings, nothing else: the same record as lorap with them as flags, with
     its own allocation and with the loss curves its defaults set up."""
     spelled = dict(prune_method="lorap", deco_method="SVDLLM", refit=True, propagate="compressed")
-    pairs = (({}, dict(spelled, allocation="method")),
-             ({"allocation": "loss"}, dict(spelled, allocation="loss", loss_windows=64, loss_levels=(0.125, 0.25, 0.5))))
+    loss = dict(allocation="loss", loss_windows=16, loss_levels=(0.125, 0.25, 0.5))
+    pairs = (({}, dict(spelled, **loss, loss_probe="fisher", reconstruct_epochs=2)),
+             ({"allocation": "method", "reconstruct_epochs": 0}, dict(spelled, allocation="method")),
+             ({"loss_probe": "rerun"}, dict(spelled, **loss, reconstruct_epochs=2)))
     for preset, lorap in pairs:
         records = [prune_model(tiny_model("llama"), None, flat_settings(pruning_ratio=0.3, nsamples=6, **settings),
                                log=lambda _: None, batches=batches).record
@@ -354,8 +359,9 @@ def test_corrected_propagation_pairs_each_input_with_the_dense_models(monkeypatc
     corrected = tiny_model("llama")
     prune_model(corrected, None, _settings("lorap", deco_method="SVDLLM", refit=True, propagate="corrected"),
                 log=lambda _: None, batches=batches)
-    # layer 0: nothing before it is compressed, so the dense inputs are its own
-    assert torch.allclose(seen[0].cross, seen[0].moment, atol=1e-9)
+    # layer 0: nothing before it is compressed, so the dense inputs are its own (the moment's batches are
+    # multiplied in float32, the cross moment's in float64)
+    assert torch.allclose(seen[0].cross, seen[0].moment, atol=1e-6, rtol=1e-5)
     index = 1  # layer 0 compressed by the corrected fits: the reference runs it, layer 1 dense
     reference = tiny_model("llama")
     reference.model.layers[0] = corrected.model.layers[0]

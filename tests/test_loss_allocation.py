@@ -285,3 +285,21 @@ def test_fisher_gradients_kept_on_disk_are_the_ones_kept_in_memory(batches, tmp_
     for index in range(len(layers)):
         for a, b in zip(held.of(index, 0), stored.of(index, 0)):
             assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_fisher_head_gradients_in_chunks_of_positions_are_the_whole_batch_s(batches, monkeypatch):
+    """A large vocabulary's logits go through the head a few positions at a time: the same gradients."""
+    import pruners.loss_allocation as allocation
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    # the most likely next token instead of a draw, so that chunking cannot change which token is drawn
+    monkeypatch.setattr(allocation.torch, "multinomial",
+                        lambda p, n, generator=None: p.argmax(-1, keepdim=True).expand(-1, n))
+    whole = allocation.FisherGradients(model, layers, batches)
+    monkeypatch.setattr(allocation, "HEAD_CHUNK_LOGITS", 5 * COMMON["vocab_size"])  # 5 positions a chunk
+    chunked = allocation.FisherGradients(model, layers, batches)
+    for index in range(len(layers)):
+        for a, b in zip(whole.of(index, 0), chunked.of(index, 0)):
+            torch.testing.assert_close(a, b)
+            assert a.abs().sum() > 0

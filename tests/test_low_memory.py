@@ -35,7 +35,8 @@ RUNS = [(method, {}) for method in sorted(METHODS)] + [
     ("llm_pruner", {"taylor": mode}) for mode in TAYLOR_MODES if mode not in ("param_first", "param_mix")] + [
     ("llm_pruner", {"mode": "channel"}), ("flap", {"refit": True}), ("lorap", {"propagate": "compressed"}),
     ("whitened_lorap", {"allocation": "loss", "loss_probe": "fisher", "loss_windows": 4}),
-    ("flap", {"allocation": "loss", "loss_probe": "fisher", "loss_windows": 3})]
+    ("flap", {"allocation": "loss", "loss_probe": "fisher", "loss_windows": 3}),
+    ("flap", {"refit": True, "reconstruct_epochs": 2}), ("whitened_lorap", {"reconstruct_windows": 3})]
 
 
 @pytest.mark.parametrize("method,extra", RUNS, ids=[f"{m}-{'-'.join(map(str, e.values())) or 'default'}"
@@ -80,7 +81,7 @@ def test_checkpointing_keeps_only_layer_inputs_and_restores_the_layers(batches):
 
 
 def test_rerun_probes_are_refused_under_low_memory_before_any_work():
-    for settings in (dict(allocation="loss", low_memory=True),
+    for settings in (dict(loss_probe="rerun", low_memory=True),
                      dict(prune_method="lorap", allocation="loss", loss_probe="rerun", low_memory=True)):
         with pytest.raises(ValueError, match="--loss_probe rerun keeps .* add --loss_probe fisher"):
             flat_settings(**settings)  # refused as the settings are built

@@ -358,7 +358,7 @@ def test_logit_metric_factorizes_q_and_k_for_their_logits():
 @pytest.mark.parametrize("method, extra", [
     ("lorap", {"deco_method": "SVDLLM", "attention_metric": "logits", "rank_allocation": "truncation"}),
     ("svd_llm", {"attention_metric": "logits", "rank_allocation": "truncation"}),
-    ("whitened_lorap", {"attention_metric": "logits", "allocation": "loss", "loss_windows": 4}),
+    ("whitened_lorap", {"attention_metric": "logits", "loss_probe": "rerun", "loss_windows": 4}),
 ])
 def test_every_architecture_takes_the_logit_metric_and_truncation_ranks(method, extra, arch, tmp_path):
     """Both options on every architecture: the budget is met, q_proj and k_proj (where separate) are recorded as

@@ -53,7 +53,7 @@ def test_an_option_of_another_method_is_refused_naming_the_methods_options():
 def test_a_preset_is_an_options_instance_of_its_base_method():
     settings = flat_settings("whitened_lorap", deco_method="SVDLLM", nsamples=16)
     assert isinstance(settings.options, LorapOptions)
-    assert (settings.options.deco_method, settings.options.allocation, settings.options.nsamples) == ("SVDLLM", "method", 16)
+    assert (settings.options.deco_method, settings.options.allocation, settings.options.nsamples) == ("SVDLLM", "loss", 16)
     with pytest.raises(ValueError, match="--prune_method whitened_lorap fixes --deco_method SVDLLM, got AFM: drop "
                                          "--deco_method, or use --prune_method lorap"):
         flat_settings("whitened_lorap", deco_method="AFM")
@@ -88,7 +88,7 @@ def test_help_is_grouped_with_concrete_defaults_and_per_method():
     assert "(default: None)" not in text
     for group in ("common:", "options of every method:", "options of llm_pruner:", "evaluation:", "output:"):
         assert group in text
-    assert "512 for flap_refit, whitened_lorap" in " ".join(text.split())
+    assert "512 for flap_refit; 256 for whitened_lorap" in " ".join(text.split())
     flap = subprocess.run([sys.executable, "hf_prune.py", "--prune_method", "flap", "--help"], cwd=ROOT,
                           capture_output=True, text=True).stdout
     assert "flap options:" in flap and "--bias_compensation" in flap and "--deco_method" not in flap
