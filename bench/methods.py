@@ -153,6 +153,21 @@ RUNS: dict[str, dict] = {
         "allocation": "loss", "nsamples": 512, "loss_windows": windows, "loss_levels": (0.125, 0.25, 0.5),
         "loss_probe": "fisher", "loss_samples": samples} for windows, samples in ((16, 1), (64, 1), (64, 4), (128, 1),
                                                                                     (256, 1), (128, 4))},
+    # local reconstruction: 2 epochs of Adam per compressed layer on 96 windows (--reconstruct_epochs), with the
+    # shared fraction or with the Fisher-probe allocation (the default since 2026-12-07), on 256 or 512 windows
+    "lorap-SVDLLM-compressed-refit-256-rec2": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                               "propagate": "compressed", "nsamples": 256, "reconstruct_epochs": 2},
+    "lorap-SVDLLM-compressed-refit-512-rec2": {"prune_method": "lorap", "deco_method": "SVDLLM", "refit": True,
+                                               "propagate": "compressed", "nsamples": 512, "reconstruct_epochs": 2},
+    "lorap-SVDLLM-compressed-refit-loss-256-fisher16-rec2": {
+        "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed",
+        "allocation": "loss", "nsamples": 256, "loss_windows": 16, "loss_levels": (0.125, 0.25, 0.5),
+        "loss_probe": "fisher", "reconstruct_epochs": 2},
+    # the best removal (it exports to llama.cpp) with each layer reconstructed in its refit pass
+    "llm_pruner-param_first-refit-512-rec2": {"prune_method": "llm_pruner", "pruner_type": "taylor",
+                                              "taylor": "param_first", "refit": True, "nsamples": 512,
+                                              "reconstruct_epochs": 2, **LAYERS_4_ON},
+    "flap_refit-rec2": {"prune_method": "flap_refit", "reconstruct_epochs": 2},
 }
 RATIOS = (0.2, 0.5)
 

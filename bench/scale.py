@@ -42,16 +42,18 @@ SHAPES = {
 RUNS = {
     "flap": ["--prune_method", "flap"],
     "taylor": ["--prune_method", "llm_pruner", "--pruner_type", "taylor"],
-    # the default whitened_lorap, its own allocation (LoRAP's shared fraction) since 2026-12-06; until then it was
-    # "--allocation loss" with rerun probes, which --low_memory refuses
+    # the default whitened_lorap as it is on the row's date: since 2026-12-07 the Fisher-probe allocation with each
+    # layer reconstructed; 2026-12-06 LoRAP's shared fraction (now "default-shared"); before, "--allocation loss"
+    # with rerun probes, which --low_memory refuses
     "default": [],
-    # the default with the measured-loss allocation from Fisher probes (linear in depth, bounded by --low_memory)
-    "default-fisher": ["--allocation", "loss", "--loss_probe", "fisher"],
+    "default-shared": ["--allocation", "method", "--reconstruct_epochs", "0"],
+    # the Fisher-probe allocation without the reconstruction (the default's allocation, measured 2026-12-06)
+    "default-fisher": ["--allocation", "loss", "--loss_probe", "fisher", "--reconstruct_epochs", "0"],
     "lorap": ["--prune_method", "lorap"],  # the default until 2026-12-02
     # the best candidate on held-out calibration text (bench/select_default.py): least-squares refits at scale
     "flap-refit": ["--prune_method", "flap", "--structure", "AL-AM", "--sublayer", "self_attn,mlp", "--refit", "True"],
 }
-READS_NSAMPLES = ("flap", "default", "default-fisher", "lorap", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
+READS_NSAMPLES = ("flap", "default", "default-shared", "default-fisher", "lorap", "flap-refit")  # Taylor calibrates on --num_examples and refuses --nsamples
 # where the time goes, from the lines hf_prune.py prints: the whole compression, and its loss curves within it
 PHASES = {"compression": re.compile(r"removed .* in ([0-9.]+)s$"),
           "loss_curves": re.compile(r"loss curves of .* measured in ([0-9.]+)s")}

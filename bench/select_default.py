@@ -2,6 +2,7 @@
 
     python bench/select_default.py            # every candidate missing from bench/results/selection.jsonl
     python bench/select_default.py --table    # rewrite bench/results/selection.md from the JSONL
+    python bench/select_default.py --only NAME[,NAME]  # measure these candidates (again); the newest row is shown
 
 Each candidate (a run of ``bench/methods.py``) prunes the embedded model by 20% of all parameters in a fresh
 process and is scored by its perplexity on 64 windows of 128 tokens from the held-out tenth of the calibration
@@ -46,7 +47,7 @@ CANDIDATES = ("lorap-AWSVD", "lorap-AWSVD-refit", "lorap-AWSVD-compressed-refit"
               "lorap-SVDLLM-compressed-refit-trunc", "lorap-SVDLLM-compressed-refit-trunc-p1",
               "lorap-SVDLLM-compressed-refit-logits", "lorap-SVDLLM-compressed-refit-loss-512-w32-logits",
               "lorap-SVDLLM-compressed-refit-loss-512-w32-heldout",
-              *(name for name in RUNS if "-fisher" in name))
+              *(name for name in RUNS if "-fisher" in name or "-rec" in name))
 WINDOWS, SEQ_LEN, RATIO = 64, 128, 0.2
 COST_BUDGET = 6.0  # the default's compression may cost at most this many WikiText-2 perplexity passes
 
@@ -142,13 +143,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", choices=CANDIDATES, help=argparse.SUPPRESS)  # the child process's own run
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the JSONL")
+    parser.add_argument("--only", default="", help="comma list: measure exactly these candidates, again if they were "
+                                                   "measured before (the newest row of a candidate is the one shown)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
     if not args.table:
+        only = [name for name in args.only.split(",") if name]
+        unknown = sorted(set(only) - set(CANDIDATES))
+        if unknown:
+            parser.error(f"--only: not candidates: {', '.join(unknown)}")
         done = {row["run"] for row in rows()}
-        append_child_rows(__file__, [name for name in CANDIDATES if name not in done], ROWS)
+        append_child_rows(__file__, only or [name for name in CANDIDATES if name not in done], ROWS)
     print(write_table())
     chosen = within_budget(rows())
     print(f"within {COST_BUDGET:g} x a WikiText-2 pass, lowest held-out: " +

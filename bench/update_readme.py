@@ -30,8 +30,10 @@ SECTIONS = {"methods": "methods.md", "speed": "speed.md", "recovery": "recovery.
 # The README's table: (run in methods.jsonl, what a user types after `python hf_prune.py --pruning_ratio 0.2`,
 # the peer in peers.json it compares with, or None). At most 8 rows.
 SUMMARY = [
-    ("lorap-SVDLLM-compressed-refit-512", "`whitened_lorap` (the default)", "LoRAP (AWSVD + pruned MLP)"),
-    ("lorap-SVDLLM-compressed-refit-loss-512-w64", "`whitened_lorap --allocation loss`", "LoRAP (AWSVD + pruned MLP)"),
+    ("lorap-SVDLLM-compressed-refit-loss-256-fisher16-rec2", "`whitened_lorap` (the default)",
+     "LoRAP (AWSVD + pruned MLP)"),
+    ("lorap-SVDLLM-compressed-refit-loss-512-w64", "`whitened_lorap --loss_probe rerun --loss_windows 64 "
+     "--nsamples 512 --reconstruct_epochs 0`", "LoRAP (AWSVD + pruned MLP)"),
     ("llm_pruner-param_first-refit-512", "`llm_pruner --refit True --nsamples 512` ¹",
      "LLM-Pruner (Taylor param_first, MLP, layers 4-29)"),
     ("flap_refit", "`flap_refit`", "FLAP (WIFV, AL-AM, bias compensation)"),
@@ -97,7 +99,7 @@ def summary_table() -> str:
     if shared:
         notes[-1] += (" ² the run shared its two cores with other jobs (CPU/wall below 1.5): an upper bound; the"
                       " cost column of the selection table (docs/results.md) has each candidate's time measured"
-                      " alone (`--allocation loss`: 2,679 s).")
+                      " alone (the rerun loss curves: 2,679 s).")
     return "\n".join(lines + notes)
 
 

@@ -9,7 +9,8 @@ block-wise stage, APT's local tuning). Nothing structural changes: the parameter
 
 An input column of a linear that is zero at the start (refitted away, to be sliced out by a later removal) keeps
 zero: its gradient is masked, so methods that remove after the pipeline (FLAP, LLM-Pruner with ``--refit True``)
-tune only what they keep. A layer whose error would grow on the tuning windows keeps its weights as they were.
+tune only what they keep. A layer whose error does not fall on the ``CHECK_WINDOWS`` windows after the tuning
+ones (windows it never trained on) keeps its weights as they were.
 """
 from __future__ import annotations
 
