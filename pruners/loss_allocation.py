@@ -40,7 +40,8 @@ from pruners.compensation import removed_input_columns
 from pruners.estimators import input_linears
 from pruners.factorization import factors, saves_parameters
 from pruners.lorap import SharedFraction
-from pruners.pipeline import LayerPipeline, Placement, _with_hidden, capture_layer_inputs, hidden_of, progress, run_layer
+from pruners.pipeline import (LayerPipeline, Placement, _with_hidden, capture_layer_inputs, hidden_of, layer_output,
+                              progress, run_layer)
 from pruners.interfaces import Allocator, LayerStep
 from pruners.refit import refit_linear
 from pruners.statistics import InputStatistics, collect_input_statistics
@@ -169,7 +170,8 @@ class FisherGradients:
         norm, output = model.get_submodule(rule_for(model).final_norm), model.get_output_embeddings()
         generator = torch.Generator().manual_seed(seed)
         with place(norm), place(output):
-            grads = [[self._head_gradient(lambda hidden: output(norm(hidden)), hidden_of(*each), generator)
+            grads = [[self._head_gradient(lambda hidden: output(norm(hidden)), output.weight.shape[0],
+                                          hidden_of(*each), generator)
                       for each in inputs] for _ in range(samples)]
         del inputs
         for index in progress(reversed(range(len(layers))), "Fisher (backward)", total=len(layers)):
@@ -191,11 +193,10 @@ class FisherGradients:
             self.store.put(f"{prefix}.{batch}", hidden_of(args, kwargs))
 
     @staticmethod
-    def _head_gradient(head, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _head_gradient(head, vocabulary: int, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The gradient of log p(y) at ``hidden`` ([batch, tokens, width]), y drawn per position; the positions
         go through the head in chunks of at most ``HEAD_CHUNK_LOGITS`` logits (a 128k vocabulary's float32
         logits of 8 windows would be 0.5 GB, three times over in the softmax and its gradient)."""
-        vocabulary = head(hidden[:1, :1]).shape[-1]
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         rows = max(1, HEAD_CHUNK_LOGITS // vocabulary)
         found = []
@@ -221,8 +222,7 @@ class FisherGradients:
                 for (args, kwargs), inputs, grad in zip(context, hidden, grads):
                     inputs = place.tensor(inputs).detach().requires_grad_(True)
                     args, kwargs = _with_hidden(args, kwargs, inputs)
-                    result = layer(*args, **kwargs)
-                    result = result[0] if isinstance(result, (tuple, list)) else result
+                    result = layer_output(layer, args, kwargs)
                     (gradient,) = torch.autograd.grad(result, inputs, place.tensor(grad).to(result.dtype))
                     found.append(gradient.detach().cpu())
         finally:

@@ -414,11 +414,10 @@ class LorapOptions(FactorizingOptions):
 
     def actions(self, settings: PruneSettings) -> list[Action]:
         """Factorize the attention; prune the MLP channels by --mlp_metric, or factorize the MLP (decom)."""
-        actions: list[Action] = [Factorize("self_attn", self.deco_method, self.real_com, self.attention_metric)]
-        if self.mlp_compress_method == "decom":
-            return actions + [Factorize("mlp", self.deco_method, self.real_com), *self.reconstruction()]
-        return actions + [PruneChannels(ActivationEstimator(self.mlp_metric), self.round_to, self.refit),
-                          *self.reconstruction()]
+        mlp = (Factorize("mlp", self.deco_method, self.real_com) if self.mlp_compress_method == "decom"
+               else PruneChannels(ActivationEstimator(self.mlp_metric), self.round_to, self.refit))
+        return [Factorize("self_attn", self.deco_method, self.real_com, self.attention_metric), mlp,
+                *self.reconstruction()]
 
 
 @dataclass(frozen=True)

@@ -79,15 +79,27 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def map_inputs(inputs: list[tuple[tuple, dict]], change) -> list[tuple[tuple, dict]]:
+    """Captured layer inputs with ``change`` applied to every tensor among them (tuples followed, the rest
+    as it is)."""
+    def each(value):
+        if isinstance(value, torch.Tensor):
+            return change(value)
+        return tuple(each(v) for v in value) if isinstance(value, tuple) else value
+
+    return [(each(args), {k: each(v) for k, v in kwargs.items()}) for args, kwargs in inputs]
+
+
+def layer_output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer returns for one batch of its inputs."""
+    result = layer(*args, **kwargs)
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """Run one decoder layer on captured inputs; return the next layer's inputs."""
-    outputs = []
-    for args, kwargs in inputs:
-        result = layer(*args, **kwargs)
-        hidden = result[0] if isinstance(result, (tuple, list)) else result
-        outputs.append(_with_hidden(args, kwargs, hidden))
-    return outputs
+    return [_with_hidden(args, kwargs, layer_output(layer, args, kwargs)) for args, kwargs in inputs]
 
 
 @dataclass
@@ -115,9 +127,7 @@ class Placement:
         """Captured layer inputs (args, kwargs) moved there."""
         if self.device is None:
             return inputs
-        move = self.tensor
-        return [(tuple(move(a) for a in args), {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v))
-                                                 for k, v in kwargs.items()}) for args, kwargs in inputs]
+        return map_inputs(inputs, self.tensor)
 
     @contextmanager
     def __call__(self, layer: nn.Module) -> Iterator[nn.Module]:

@@ -21,28 +21,9 @@ import torch
 from torch import nn
 
 from pruners.interfaces import LayerAction
-from pruners.pipeline import hidden_of
+from pruners.pipeline import hidden_of, layer_output, map_inputs
 
 CHECK_WINDOWS = 16  # calibration windows after the tuning ones on which a tuned layer must beat its start
-
-
-def _output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    result = layer(*args, **kwargs)
-    return result[0] if isinstance(result, (tuple, list)) else result
-
-
-def _as(value, dtype: torch.dtype):
-    """Floating tensors of captured layer inputs in ``dtype`` (masks and ids unchanged)."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, tuple):
-        return tuple(_as(v, dtype) for v in value)
-    return value
-
-
-def _inputs_in(inputs: list[tuple[tuple, dict]], dtype: torch.dtype) -> list[tuple[tuple, dict]]:
-    return [(tuple(_as(a, dtype) for a in args), {k: _as(v, dtype) for k, v in kwargs.items()})
-            for args, kwargs in inputs]
 
 
 def _frozen_columns(layer: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -75,7 +56,9 @@ def _split(step, windows: int, check_windows: int) -> tuple[tuple[list, list], t
         seen += hidden_of(*pairs[end][0]).shape[0]
         end += 1
     train, check = pairs[:cut], (pairs[cut:end] or pairs[:cut])
-    as_float = lambda part: (_inputs_in([i for i, _ in part], torch.float32), [t.float() for _, t in part])  # noqa: E731
+    def as_float(part):
+        floating = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731 (masks and ids unchanged)
+        return map_inputs([i for i, _ in part], floating), [t.float() for _, t in part]
     return as_float(train), as_float(check)
 
 
@@ -84,7 +67,7 @@ def reconstruction_error(layer: nn.Module, inputs: list[tuple[tuple, dict]], tar
     """Mean squared error of ``layer``'s outputs against ``targets``, over the windows of ``inputs``."""
     total, count = 0.0, 0
     for (args, kwargs), target in zip(inputs, targets):
-        total += float((_output(layer, args, kwargs) - target).pow(2).sum())
+        total += float((layer_output(layer, args, kwargs) - target).pow(2).sum())
         count += target.numel()
     return total / max(count, 1)
 
@@ -137,7 +120,7 @@ class Reconstruct(LayerAction):
                     (args, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
                     for group in optimizer.param_groups:  # cosine decay to zero over the steps
                         group["lr"] = self.learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
-                    loss = (_output(layer, args, kwargs) - target).pow(2).mean()
+                    loss = (layer_output(layer, args, kwargs) - target).pow(2).mean()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -63,14 +63,14 @@ def _flat(args: tuple) -> torch.Tensor:
     return args[0].detach().reshape(-1, args[0].shape[-1]).double()
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x of one batch ([tokens, width], as the module received it) in float64. A batch of at most
-    ``GRAM_ROWS_IN_FLOAT32`` rows that came in float32 or narrower is multiplied in float32, about twice as fast
-    on a CPU, with a relative error near 1e-6 (the sum over batches stays float64)."""
-    if x.dtype != torch.float64 and x.shape[0] <= GRAM_ROWS_IN_FLOAT32:
-        x = x.float()
-        return (x.T @ x).double()
-    x = x.double()
+def _gram(received: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T x of one batch in float64 (``x``: the batch's rows in float64; ``received``: the same rows as the module
+    received them). A batch of at most ``GRAM_ROWS_IN_FLOAT32`` rows that came in float32 or narrower is
+    multiplied in float32, about twice as fast on a CPU, with a relative error near 1e-6 (the sum over batches
+    stays float64)."""
+    if received.dtype != torch.float64 and received.shape[0] <= GRAM_ROWS_IN_FLOAT32:
+        rows = received.float()
+        return (rows.T @ rows).double()
     return x.T @ x
 
 
@@ -81,7 +81,8 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
             if second_moments:
                 targets[name] = _flat(args)
             return
-        x = _flat(args)
+        received = args[0].detach().reshape(-1, args[0].shape[-1])
+        x = received.double()
         entry = stats.get(name)
         if entry is None:
             entry = stats[name] = InputStatistics(0, torch.zeros(x.shape[1], dtype=torch.float64),
@@ -90,7 +91,7 @@ def _statistics_hook(stats: dict[str, InputStatistics], name: str, second_moment
         entry.total += x.sum(0).cpu()
         entry.total_sq += (x * x).sum(0).cpu()
         if second_moments:
-            gram = _gram(args[0].detach().reshape(-1, x.shape[1])).cpu()
+            gram = _gram(received, x).cpu()
             # in place: a copy of the sum would hold a third width x width float64 matrix beside the two
             entry.second_moment = gram if entry.second_moment is None else entry.second_moment.add_(gram)
             del gram
