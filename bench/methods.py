@@ -163,6 +163,11 @@ RUNS: dict[str, dict] = {
         "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed",
         "allocation": "loss", "nsamples": 256, "loss_windows": 16, "loss_levels": (0.125, 0.25, 0.5),
         "loss_probe": "fisher", "reconstruct_epochs": 2},
+    # the same with each layer reconstructed towards the dense model's outputs (--reconstruct_target dense)
+    "lorap-SVDLLM-compressed-refit-loss-256-fisher16-rec2-dense": {
+        "prune_method": "lorap", "deco_method": "SVDLLM", "refit": True, "propagate": "compressed",
+        "allocation": "loss", "nsamples": 256, "loss_windows": 16, "loss_levels": (0.125, 0.25, 0.5),
+        "loss_probe": "fisher", "reconstruct_epochs": 2, "reconstruct_target": "dense"},
     # the best removal (it exports to llama.cpp) with each layer reconstructed in its refit pass
     "llm_pruner-param_first-refit-512-rec2": {"prune_method": "llm_pruner", "pruner_type": "taylor",
                                               "taylor": "param_first", "refit": True, "nsamples": 512,

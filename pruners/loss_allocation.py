@@ -155,7 +155,7 @@ class FisherGradients:
                  samples: int = 1, seed: int = 0, device: torch.device | str | None = None,
                  folder: str | None = None, release_pages: bool = False):
         from depgraph.architectures import rule_for
-        from modelio.memory import module_extents, release
+        from modelio.memory import module_extents, release, trim_heap
 
         self.samples, self.store = samples, ActivationStore(folder)
         place = Placement(device)
@@ -185,6 +185,8 @@ class FisherGradients:
                     grads = [self._layer_gradient(layer, self.context, hidden, per_batch, place)
                              for per_batch in grads]
                 release(used)
+                if release_pages:
+                    trim_heap()
             for batch in range(len(self.context)):
                 self.store.drop(f"input.{index}.{batch}")
 

@@ -107,6 +107,12 @@ class BlockOptions(MethodOptions):
                                       block_only=True, when=RECONSTRUCT)
     reconstruct_lr: float = option(3e-4, "peak learning rate of the local reconstruction (cosine decay to zero)",
                                    block_only=True, when=RECONSTRUCT)
+    reconstruct_target: str = option("own", "what each layer is reconstructed towards: own (its outputs before "
+                                            "compression on the same inputs) or dense (the dense model's outputs, "
+                                            "so each layer also corrects the drift of the compressed ones before "
+                                            "it; runs the dense model beside; Python only: measured worse, "
+                                            "docs/selection.md)", choices=("own", "dense"),
+                                     block_only=True, when=RECONSTRUCT, on_cli=False)
 
     @property
     def propagation(self) -> str:
@@ -116,7 +122,8 @@ class BlockOptions(MethodOptions):
         """The local reconstruction step (after the layer actions of the same pass), when it is on."""
         if self.reconstruct_epochs <= 0 or self.mode != "block":
             return []
-        return [Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_windows)]
+        return [Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_windows,
+                            self.reconstruct_target)]
 
     def validate(self) -> None:
         super().validate()

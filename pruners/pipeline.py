@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from modelio.memory import module_extents, release, release_module
+from modelio.memory import module_extents, release, release_module, trim_heap
 from pruners.interfaces import LayerStep
 from pruners.statistics import InputStatistics, TargetInputs, observe_inputs
 
@@ -112,6 +112,7 @@ class LayerPass:
     inputs: list[tuple[tuple, dict]]
     outputs: list[tuple[tuple, dict]]
     statistics: dict[str, InputStatistics] = field(default_factory=dict)
+    dense_outputs: list[tuple[tuple, dict]] | None = None  # the dense model's, when a step asked (see run)
 
 
 class Placement:
@@ -176,7 +177,9 @@ class LayerPipeline:
             raise ValueError(f"unknown propagate '{propagate}': choose from {', '.join(PROPAGATIONS)}")
         layers = self.layers()
         inputs = self._inputs_on(capture_layer_inputs(self.model, layers, self.batches, self.batch_size))
+        beside = propagate != "dense" and any(getattr(each, "wants_dense_outputs", False) for each in steps)
         dense_inputs = inputs if propagate == "corrected" else None
+        beside_inputs = inputs if beside and dense_inputs is None else None  # the dense model, run beside
         for index in progress(range(len(layers)), desc, self.show_progress):
             observed = _observed(context, steps, index)
             # what the layer holds before its turn (on the CPU, before any move to the device)
@@ -187,7 +190,10 @@ class LayerPipeline:
                         outputs = run_layer(layer, inputs)
                 else:
                     outputs, dense_inputs, stats = self._against_dense(layer, inputs, dense_inputs, observed)
-                step = LayerPass(index, layer, inputs, outputs, stats)
+                if beside_inputs is not None:
+                    beside_inputs = run_layer(layer, beside_inputs)
+                step = LayerPass(index, layer, inputs, outputs, stats,
+                                 dense_outputs=dense_inputs if beside_inputs is None else beside_inputs)
                 for position, each in enumerate(steps):
                     if propagate == "sequential" and position > 0:
                         step.statistics = self._recollect(context, each, index, layer, inputs, stats)
@@ -196,6 +202,8 @@ class LayerPipeline:
                     outputs = run_layer(self.layers()[index], inputs)
             del step, stats
             release(used)  # what the layer read (its replaced weights included), not what it now holds
+            if self.low_memory:
+                trim_heap()
             inputs = outputs
         after = _observed(context, steps, None)
         if (after or run_head) and self.head is not None:

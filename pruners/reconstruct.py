@@ -43,10 +43,13 @@ def _count(inputs: list[tuple[tuple, dict]]) -> int:
     return sum(hidden_of(*each).shape[0] for each in inputs)
 
 
-def _split(step, windows: int, check_windows: int) -> tuple[tuple[list, list], tuple[list, list]]:
+def _split(step, windows: int, check_windows: int, dense: bool = False
+           ) -> tuple[tuple[list, list], tuple[list, list]]:
     """((inputs, targets) of the first ``windows`` calibration windows, the same of the next ``check_windows``
-    (the training ones when there are no more)), in float32."""
-    pairs = [(inputs, hidden_of(*outputs)) for inputs, outputs in zip(step.inputs, step.outputs)]
+    (the training ones when there are no more)), in float32; the targets are the dense model's outputs with
+    ``dense`` (where the pipeline ran it beside), else the layer's own before it was compressed."""
+    wanted = step.dense_outputs if dense and step.dense_outputs is not None else step.outputs
+    pairs = [(inputs, hidden_of(*outputs)) for inputs, outputs in zip(step.inputs, wanted)]
     cut, taken = 0, 0
     while cut < len(pairs) and taken < windows:
         taken += hidden_of(*pairs[cut][0]).shape[0]
@@ -81,6 +84,11 @@ class Reconstruct(LayerAction):
     epochs: int
     learning_rate: float
     windows: int
+    target: str = "own"  # "dense": the dense model's outputs on its own inputs, so each layer corrects the drift
+
+    @property
+    def wants_dense_outputs(self) -> bool:
+        return self.target == "dense"
 
     def observes(self, context, index):
         return {}
@@ -90,7 +98,7 @@ class Reconstruct(LayerAction):
                                                              for layers in context.selection.values()):
             return
         layer = step.layer
-        train, check = _split(step, self.windows, CHECK_WINDOWS)
+        train, check = _split(step, self.windows, CHECK_WINDOWS, dense=self.target == "dense")
         # trained in float32 on fresh copies: the weights as they were stay untouched for the rollback (and a
         # memory-mapped weight is never written, so handing its pages back loses nothing)
         originals = {name: p.data for name, p in layer.named_parameters()}
@@ -103,7 +111,8 @@ class Reconstruct(LayerAction):
         for name, p in layer.named_parameters():
             p.data = p.data.to(originals[name].dtype) if kept else originals[name]
         context.record.add("reconstruct", layer=step.index, epochs=self.epochs, learning_rate=self.learning_rate,
-                           windows=_count(train[0]), check_windows=_count(check[0]), error_before=before,
+                           windows=_count(train[0]), check_windows=_count(check[0]), target=self.target,
+                           error_before=before,
                            error_after=after, kept=bool(kept))
 
     def _train(self, layer: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]) -> None:
@@ -128,4 +137,5 @@ class Reconstruct(LayerAction):
             for handle in handles:
                 handle.remove()
             for p, flag in zip(parameters, flags):
+                p.grad = None  # the last step's float32 gradients would stay with the layer until the save
                 p.requires_grad_(flag)

@@ -93,6 +93,7 @@ def test_reconstruction_keeps_a_bf16_model_in_bf16(batches):
                          batches=batches)
     assert _reconstructions(report)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.grad is None for p in model.parameters())  # no float32 gradient left beside each layer
     assert torch.isfinite(model(input_ids=batches[:2]).logits.float()).all()
 
 
@@ -125,3 +126,59 @@ def test_the_step_is_an_action_of_every_block_method_that_asks_for_it():
         settings = _settings(method, reconstruct_epochs=3, **extra)
         steps = [a for a in settings.options.actions(settings) if isinstance(a, Reconstruct)]
         assert steps == [Reconstruct(3, settings.options.reconstruct_lr, 16)], method
+
+
+class _Shrink:
+    """A layer step that halves the layer's MLP output (a stand-in for compression) and keeps what it saw."""
+
+    wants_dense_outputs = True
+
+    def __init__(self):
+        self.seen: list = []
+
+    def observes(self, context, index):
+        return {}
+
+    def on_layer(self, context, step):
+        self.seen.append((step.outputs, step.dense_outputs))
+        with torch.no_grad():
+            step.layer.mlp.down_proj.weight.mul_(0.5)
+
+    def after_layers(self, context, step):
+        pass
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "sequential", "corrected"])
+def test_the_pipeline_runs_the_dense_model_beside_when_a_step_asks(propagate, batches):
+    from pruners.pipeline import LayerPipeline, hidden_of
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        dense = model(input_ids=batches, output_hidden_states=True).hidden_states  # [i]: the input of layer i
+    shrink = _Shrink()
+    LayerPipeline(model, lambda: model.model.layers, batches, show_progress=False).run(None, [shrink], propagate)
+    for index, (outputs, dense_outputs) in enumerate(shrink.seen[:-1]):
+        got = torch.cat([hidden_of(*each) for each in dense_outputs])
+        torch.testing.assert_close(got, dense[index + 1], rtol=1e-4, atol=1e-5)
+        own = torch.cat([hidden_of(*each) for each in outputs])  # on compressed inputs after the first layer
+        assert torch.equal(own, got) == (index == 0)
+
+
+def test_reconstruction_towards_the_dense_model_starts_where_the_own_target_does_on_the_first_layer(batches):
+    extra = dict(deco_method="SVDLLM", refit=True, propagate="compressed", reconstruct_epochs=2,
+                 reconstruct_lr=1e-3)
+    _, own = _pruned("lorap", batches, **extra)
+    model, dense = _pruned("lorap", batches, reconstruct_target="dense", **extra)
+    own_entries, dense_entries = _reconstructions(own), _reconstructions(dense)
+    assert [entry["target"] for entry in dense_entries] == ["dense"] * 3
+    # layer 0 sees the dense inputs either way; later layers are measured against the dense model's outputs,
+    # which include the drift of the compressed layers before them
+    assert dense_entries[0]["error_before"] == pytest.approx(own_entries[0]["error_before"])
+    assert all(d["error_before"] != pytest.approx(o["error_before"]) for d, o in zip(dense_entries[1:],
+                                                                                       own_entries[1:]))
+    assert torch.isfinite(model(input_ids=batches[:2]).logits).all()
+
+
+def test_the_dense_target_is_read_only_with_reconstruction():
+    with pytest.raises(ValueError, match="--reconstruct_target .*--reconstruct_epochs"):
+        _settings("lorap", reconstruct_epochs=0, reconstruct_target="dense")
