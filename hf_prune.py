@@ -446,7 +446,7 @@ def run(model, tokenizer, args: argparse.Namespace, settings: PruneSettings) -> 
         print(f"plot: {args.plot}")
     if args.save_model:
         where = save_model(model, tokenizer, args.save_model, overwrite=args.overwrite, source=args.base_model,
-                           record=report.record)
+                           record=report.record, release_pages=args.low_memory)
         print(f"saved to {where}; {load_hint(where)}")
     if args.save_gguf:
         export(model, tokenizer, args, where if args.save_model else None)

@@ -81,3 +81,54 @@ def release(ranges: Iterable[Extent]) -> None:
 def release_module(module: nn.Module) -> None:
     release(module_extents(module))
 
+
+
+_ALIGN = 64  # bytes: every storage in a spill file starts at a multiple of this (and of any element size)
+
+
+def spill_module(module: nn.Module, keep: Iterable[Extent] = (), folder: str | None = None) -> int:
+    """Move the CPU tensors of ``module`` (parameters and buffers) whose storages are not in ``keep`` into one
+    temporary file, mapped back copy-on-write, and hand their pages back; return the bytes moved.
+
+    What a layer's turn created (factors, kept channels, refitted weights) is otherwise anonymous memory that
+    stays resident until the save; spilled, it becomes clean file pages like a memory-mapped checkpoint's, read
+    again when touched and released after. The file is unlinked at once: the mapping keeps its data alive and
+    the disk space goes with the last tensor. A later write to a spilled tensor copies its page, never the file.
+    """
+    import os
+    import tempfile
+
+    kept = {address for address, _ in keep}
+    owners = [(owner, kind, name, tensor) for owner in module.modules()
+              for kind in ("_parameters", "_buffers") for name, tensor in getattr(owner, kind).items()
+              if tensor is not None and tensor.device.type == "cpu" and not tensor.is_meta and tensor.numel()]
+    offsets: dict[int, int] = {}  # storage address -> byte offset in the file
+    descriptor, path = tempfile.mkstemp(prefix="structprune-spill-", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            for _, _, _, tensor in owners:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() in kept or storage.data_ptr() in offsets:
+                    continue
+                offsets[storage.data_ptr()] = handle.tell()
+                handle.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
+                handle.write(b"\0" * (-handle.tell() % _ALIGN))
+            size = handle.tell()
+        if not offsets:
+            return 0
+        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    finally:
+        os.unlink(path)
+    for owner, kind, name, tensor in owners:
+        offset = offsets.get(tensor.untyped_storage().data_ptr())
+        if offset is None:
+            continue
+        element = tensor.element_size()
+        view = torch.empty(0, dtype=tensor.dtype).set_(mapped, offset // element + tensor.storage_offset(),
+                                                        tensor.shape, tensor.stride())
+        if kind == "_parameters":
+            tensor.data = view
+        else:
+            getattr(owner, kind)[name] = view
+    release([(mapped.data_ptr(), size)])
+    return size

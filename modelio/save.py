@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from depgraph.architectures import NORM_EPSILON_ATTRIBUTES
 import depgraph.value_attention as attention_module
 import modelio.lowrank as lowrank_module
 from modelio.lowrank import LowRankLinear
+from modelio.memory import extents, release, trim_heap
 from modelio.outputs import Output, UnsafeSaveError, check_outputs, replace_folder
 from modelio.pruned import pruned_classes, render_sources
 
@@ -28,6 +30,8 @@ _VALIDATION_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 # safetensors builds each shard in memory before writing it: small shards keep saving near the model's own size
 MAX_SHARD_SIZE = "1GB"
+# with release_pages (--low_memory) a shard also makes its weights resident until it is written: smaller ones
+RELEASING_SHARD_SIZE = "256MB"
 
 
 def _reference_shapes(config) -> tuple[dict[str, tuple[int, int, bool]], dict[str, tuple[int, ...]], nn.Module]:
@@ -179,9 +183,10 @@ def check_save_target(path: str | os.PathLike, sources=(), overwrite: bool = Fal
 
 
 def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overwrite: bool = False,
-               source: str | os.PathLike | None = None, record=None) -> Path:
+               source: str | os.PathLike | None = None, record=None, release_pages: bool = False) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``path`` atomically, with the compression record
-    (``record``, a ``pruners.record.ActionRecord``: anything with ``save(folder)``) beside them.
+    (``record``, a ``pruners.record.ActionRecord``: anything with ``save(folder)``) beside them. With
+    ``release_pages`` (``--low_memory``), each shard's weights are handed back to the kernel once written.
 
     The folder appears complete or not at all. It never replaces the folder the model was loaded from, and
     replaces another existing folder only with ``overwrite=True``. Every failure is an UnsafeSaveError.
@@ -189,7 +194,8 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
     target = check_save_target(path, (source, getattr(model.config, "_name_or_path", None)), overwrite)
     try:
         with replace_folder(target) as staging:
-            _write_folder(model, tokenizer, staging)
+            with _releasing_shards(release_pages):
+                _write_folder(model, tokenizer, staging, RELEASING_SHARD_SIZE if release_pages else MAX_SHARD_SIZE)
             if record is not None:
                 record.save(staging)
             write_checksums(staging)
@@ -197,6 +203,31 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike, overw
         raise UnsafeSaveError(f"could not write the model to {target} ({error.strerror or type(error).__name__}): "
                               f"check the free space and permissions, or choose another --save_model") from error
     return target
+
+
+@contextmanager
+def _releasing_shards(enabled: bool):
+    """While saving, hand each shard's weights back to the kernel after transformers wrote it: weights that live
+    in files (a memory-mapped checkpoint, a layer spilled by ``--low_memory``) would otherwise all become
+    resident again as the shards read them."""
+    import transformers.modeling_utils as modeling
+
+    writer = getattr(modeling, "safe_save_file", None)
+    if not enabled or writer is None:
+        yield
+        return
+
+    def write_and_release(tensors, *args, **kwargs):
+        result = writer(tensors, *args, **kwargs)
+        release(extents(tensors.values()))
+        trim_heap()
+        return result
+
+    modeling.safe_save_file = write_and_release
+    try:
+        yield
+    finally:
+        modeling.safe_save_file = writer
 
 
 def _pruned_config(config, shapes: dict, attributes: dict, lowrank: dict, counts: dict):
@@ -224,7 +255,7 @@ def _write_sources(staging: Path, base_type: str) -> None:
     (staging / "attention.py").write_text(Path(attention_module.__file__).read_text())
 
 
-def _write_folder(model: PreTrainedModel, tokenizer, staging: Path) -> None:
+def _write_folder(model: PreTrainedModel, tokenizer, staging: Path, shard_size: str = MAX_SHARD_SIZE) -> None:
     """Weights, config (plain, or pruned with its code) and tokenizer into ``staging``."""
     shapes, attributes, lowrank, counts = heterogeneous_description(model)
     config = model.config
@@ -238,7 +269,7 @@ def _write_folder(model: PreTrainedModel, tokenizer, staging: Path) -> None:
         saved_config = config
     model.config = saved_config
     try:
-        model.save_pretrained(staging, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=shard_size)
     finally:
         model.config = config
     if tokenizer is not None:

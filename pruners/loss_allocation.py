@@ -282,16 +282,22 @@ def measure_curve(module: nn.Module, layer: int, size: int, compress: Callable[[
                   divergence: Callable[[int], float], levels: tuple[float, ...] = LEVELS) -> Curve:
     """Compress ``module`` in place at each level (``compress`` returns the fraction it removed), measure, and
     put its weights back. Levels that come out the same fraction are measured once."""
-    saved = {name: p.detach().clone() for name, p in module.named_parameters()}
+    # each level compresses a copy: the weights themselves are never written (a memory-mapped checkpoint's
+    # pages would turn into anonymous memory that --low_memory cannot hand back)
+    originals = {name: p.data for name, p in module.named_parameters()}
     losses, fractions = [], []
-    for level in levels:
-        removed = compress(level)
-        if removed <= 1e-9 or (fractions and removed <= fractions[-1] + 1e-9):
-            continue
-        fractions.append(removed)
-        losses.append(divergence(layer))
+    try:
+        for level in levels:
+            for name, p in module.named_parameters():
+                p.data = originals[name].clone()
+            removed = compress(level)
+            if removed <= 1e-9 or (fractions and removed <= fractions[-1] + 1e-9):
+                continue
+            fractions.append(removed)
+            losses.append(divergence(layer))
+    finally:
         for name, p in module.named_parameters():
-            p.copy_(saved[name])
+            p.data = originals[name]
     return Curve(layer, size, losses, fractions)
 
 

@@ -17,7 +17,8 @@ keeps it itself.
 Where a layer's weights live is handled here and nowhere else: with ``device`` set, each layer is moved
 there for its turn and back to where it was afterwards, so only one layer occupies the accelerator; with
 ``low_memory``, the pages of the weights a layer read (memory-mapped from the checkpoint) are handed back after
-its turn, so only the layer in hand and the compressed ones before it stay resident.
+its turn, what the turn created (compressed weights) is spilled to a deleted temporary file and mapped back
+(``modelio.memory.spill_module``) and the heap trimmed, so only the layer in hand stays resident.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from modelio.memory import module_extents, release, release_module, trim_heap
+from modelio.memory import module_extents, release, release_module, spill_module, trim_heap
 from pruners.interfaces import LayerStep
 from pruners.statistics import InputStatistics, TargetInputs, observe_inputs
 
@@ -197,10 +198,13 @@ class LayerPipeline:
                 for position, each in enumerate(steps):
                     if propagate == "sequential" and position > 0:
                         step.statistics = self._recollect(context, each, index, layer, inputs, stats)
+                    _drop_unobserved(step.statistics, _observed(context, steps[position:], index))
                     each.on_layer(context, step)
                 if propagate != "dense":
                     outputs = run_layer(self.layers()[index], inputs)
             del step, stats
+            if self.low_memory:  # what the turn created goes to a file, clean pages like the checkpoint's
+                spill_module(self.layers()[index], keep=used)
             release(used)  # what the layer read (its replaced weights included), not what it now holds
             if self.low_memory:
                 trim_heap()
@@ -243,6 +247,13 @@ class LayerPipeline:
         with self._observing(observed) as fresh:
             run_layer(layer, inputs)
         return {**statistics, **fresh}
+
+
+def _drop_unobserved(statistics: dict[str, InputStatistics], observed: dict[str, bool]) -> None:
+    """Free, in place, the statistics that no step still to act on this layer observes (a float64 second moment
+    of a wide MLP input is hundreds of MB, and the local reconstruction, the last step, needs none)."""
+    for name in [name for name in statistics if name not in observed]:
+        del statistics[name]
 
 
 def _observed(context, steps: list, index: int | None) -> dict[str, bool]:

@@ -182,3 +182,34 @@ def test_smollm2_streamed_and_plain_runs_give_the_same_plan(settings):
     plain, streamed = records
     assert streamed == plain
     assert any(entry["action"] in ("remove", "factorize") for entry in plain)
+
+
+def test_spilled_tensors_keep_their_values_and_live_in_a_deleted_file():
+    import sys
+
+    from modelio.memory import module_extents, spill_module
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    module.register_buffer("steps", torch.arange(5))
+    module[2].weight.data = module[2].weight.data.to(torch.bfloat16).float().t().contiguous().t()  # strided
+    untouched = module[1].weight
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    x = torch.randn(4, 64)
+    expected = module(x)
+    moved = spill_module(module, keep=module_extents(module[1]))
+    assert moved >= sum(t.numel() * t.element_size() for name, t in before.items() if not name.startswith("1."))
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.stride() == before[name].stride(), name
+    assert module[1].weight is untouched and isinstance(module[0].weight, torch.nn.Parameter)
+    torch.testing.assert_close(module(x), expected)
+    module(x).sum().backward()  # still trainable
+    assert module[0].weight.grad is not None
+    with torch.no_grad():  # a write changes that tensor only (copy-on-write, the file is never written)
+        module[0].weight.add_(1)
+    assert torch.equal(module[2].weight, before["2.weight"])
+    if sys.platform.startswith("linux"):
+        address = module[0].weight.untyped_storage().data_ptr()
+        maps = [line for line in open("/proc/self/maps") if "structprune-spill-" in line]
+        assert any(int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)
+                   and "(deleted)" in line for line in maps)

@@ -239,3 +239,26 @@ def test_a_folder_saved_under_the_old_pruned_type_still_loads(tmp_path):
     loaded = load_model(folder)
     assert type(loaded).__name__ == "PrunedLlamaForCausalLM"
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_save_that_releases_its_pages_writes_the_same_shards(tmp_path):
+    import transformers.modeling_utils as modeling
+    from safetensors.torch import load_file
+
+    from modelio.memory import spill_module
+
+    model = tiny_model("llama")
+    plain = save_model(model, None, tmp_path / "plain")
+    for layer in model.model.layers:  # as --low_memory leaves them: in deleted files, mapped back
+        spill_module(layer)
+    writer = modeling.safe_save_file
+    released = save_model(model, None, tmp_path / "released", release_pages=True)
+    assert modeling.safe_save_file is writer  # transformers' writer put back
+    def weights(folder):
+        found = {}
+        for path in folder.glob("*.safetensors"):
+            found.update(load_file(path))
+        return found
+
+    ours, theirs = weights(plain), weights(released)
+    assert ours and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
