@@ -82,7 +82,6 @@ def release_module(module: nn.Module) -> None:
     release(module_extents(module))
 
 
-
 _ALIGN = 64  # bytes: every storage in a spill file starts at a multiple of this (and of any element size)
 
 

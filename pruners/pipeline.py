@@ -203,10 +203,9 @@ class LayerPipeline:
                 if propagate != "dense":
                     outputs = run_layer(self.layers()[index], inputs)
             del step, stats
-            if self.low_memory:  # what the turn created goes to a file, clean pages like the checkpoint's
-                spill_module(self.layers()[index], keep=used)
-            release(used)  # what the layer read (its replaced weights included), not what it now holds
             if self.low_memory:
+                spill_module(self.layers()[index], keep=used)  # what the turn created: clean file pages too
+                release(used)  # what the layer read (its replaced weights included), not what it now holds
                 trim_heap()
             inputs = outputs
         after = _observed(context, steps, None)

@@ -98,7 +98,7 @@ class Reconstruct(LayerAction):
                                                              for layers in context.selection.values()):
             return
         layer = step.layer
-        train, check = _split(step, self.windows, CHECK_WINDOWS, dense=self.target == "dense")
+        train, check = _split(step, self.windows, CHECK_WINDOWS, dense=self.wants_dense_outputs)
         # trained in float32 on fresh copies: the weights as they were stay untouched for the rollback (and a
         # memory-mapped weight is never written, so handing its pages back loses nothing)
         originals = {name: p.data for name, p in layer.named_parameters()}
